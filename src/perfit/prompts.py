@@ -1,0 +1,60 @@
+"""History item / query -> (prompt, target). The only place prompt templates are filled."""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+from .tasks import Task, templates
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    target: str  # what the model learns to emit after the prompt (EOS is added at tokenization)
+    user_id: str = ""
+    item_id: str = ""
+
+
+def truncate_words(text: str, max_words: int) -> str:
+    if max_words <= 0:
+        return text
+    words = text.split()
+    return text if len(words) <= max_words else " ".join(words[:max_words])
+
+
+class PromptBuilder:
+    def __init__(self, task: Task, prompts_file: str | None = None, max_field_words: int = 768):
+        self.task = task
+        self.tpl = templates(task.name, prompts_file or None)
+        self.max_field_words = max_field_words
+        names = {f for _, f, _, _ in string.Formatter().parse(self.tpl["prompt"] + self.tpl["target"]) if f}
+        unknown = names - set(task.item_fields) - {"id", "date"}
+        if unknown:
+            raise ValueError(f"prompt template of {task.name} uses unknown fields {sorted(unknown)}; "
+                             f"history items have {list(task.item_fields)}")
+
+    def _fields(self, item: dict) -> dict:
+        return {k: truncate_words(str(v), self.max_field_words) if isinstance(v, str) else v for k, v in item.items()}
+
+    def prompt(self, item: dict) -> str:
+        return self.tpl["prompt"].format_map(self._fields(item))
+
+    def history_example(self, item: dict, user_id: str = "") -> Example:
+        f = self._fields(item)
+        return Example(self.tpl["prompt"].format_map(f), self.tpl["target"].format_map(f), user_id, str(item.get("id", "")))
+
+    def query_example(self, query, user_id: str = "") -> Example:
+        """A query's prompt is its `input` as given; its target the gold answer (possibly empty)."""
+        gold = getattr(query, "gold", "") or ""
+        return Example(query.input, (" " + gold) if gold else "", user_id, query.id)
+
+    def user_examples(self, user, include_gold_queries: bool) -> list[Example]:
+        ex = [self.history_example(it, user.user_id) for it in user.profile]
+        if include_gold_queries:
+            ex += [self.query_example(q, user.user_id) for q in user.query if q.gold]
+        return ex
+
+
+def clean_prediction(text: str) -> str:
+    """Cut a generation at the first newline (EOS is cut by the decoder) and strip it."""
+    return text.split("\n", 1)[0].strip()

@@ -1,0 +1,69 @@
+"""Tokenized examples and left-padded batches, shared by training and generation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..prompts import Example
+from ..shifts import position_index
+
+
+@dataclass
+class TokenizedExample:
+    ids: list[int]  # prompt + target (+ EOS)
+    prompt_len: int
+    module: int = 0  # personal module (user) index
+    key: str = ""  # user id, for per-user data order
+
+
+def tokenize_prompt(tok, prompt: str, max_len: int) -> list[int]:
+    ids = tok(prompt)["input_ids"]
+    return ids[-max_len:] if len(ids) > max_len else ids
+
+
+def tokenize_examples(tok, examples: list[Example], max_length: int, module_of: dict[str, int] | None = None,
+                      with_eos: bool = True) -> list[TokenizedExample]:
+    """Target ends with EOS so generation stops right after the answer. Over-long examples keep the
+    target and the end of the prompt."""
+    out = []
+    eos = [tok.eos_token_id] if with_eos else []
+    for ex in examples:
+        tgt = tok(ex.target, add_special_tokens=False)["input_ids"] + eos
+        tgt = tgt[: max(1, max_length // 2)]
+        prompt = tokenize_prompt(tok, ex.prompt, max_length - len(tgt))
+        out.append(TokenizedExample(prompt + tgt, len(prompt), (module_of or {}).get(ex.user_id, 0), ex.user_id))
+    return out
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] left-padded
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    offsets: list[int]
+    lengths: list[int]
+    shift_index: torch.Tensor  # [B, P]
+    shift_valid: torch.Tensor
+    users: torch.Tensor  # [B]
+
+    def to(self, device) -> "Batch":
+        for k in ("input_ids", "attention_mask", "position_ids", "shift_index", "shift_valid", "users"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+
+def make_batch(seqs: list[list[int]], prompt_lens: list[int], users: list[int], pad_id: int, first: int, last: int) -> Batch:
+    T = max(len(s) for s in seqs)
+    B = len(seqs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    offsets = []
+    for b, s in enumerate(seqs):
+        off = T - len(s)
+        ids[b, off:] = torch.tensor(s, dtype=torch.long)
+        mask[b, off:] = 1
+        offsets.append(off)
+    pos = (torch.arange(T).unsqueeze(0) - torch.tensor(offsets).unsqueeze(1)).clamp(min=0)
+    sidx, svalid = position_index(prompt_lens, offsets, first, last)
+    return Batch(ids, mask, pos, offsets, [len(s) for s in seqs], sidx, svalid, torch.tensor(users, dtype=torch.long))

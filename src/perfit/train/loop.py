@@ -1,0 +1,214 @@
+"""One training loop for both stages.
+
+Each personal module trains on its own examples with its own data order (seeded by its user id); step k of
+the loop is step k of every user still training, so many users train in one batch while each user's
+update is exactly what training it alone would give (loss normalised per user, Adam state and step counts
+per user, users with no data at a step left untouched). The frozen states entering the lowest shifted
+layer are computed once and reused across epochs; logits are computed at target positions only.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..shifts import Shifter, ShiftState, lower_states, skip_lower_layers
+from .batching import TokenizedExample, make_batch
+
+log = logging.getLogger("perfit")
+
+
+class MaskedAdamW:
+    """AdamW (no weight decay) over stacked parameters whose leading dim indexes modules (users).
+    `step(active)` updates only the active modules, each with its own step count, exactly as torch's
+    AdamW would update that module trained alone."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.b1, self.b2, self.eps = list(params), lr, betas[0], betas[1], eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = [torch.zeros(p.shape[0], dtype=torch.float64) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor | None = None) -> None:
+        for p, m, v, t in zip(self.params, self.m, self.v, self.t):
+            if p.grad is None:
+                continue
+            if active is None:
+                a = torch.ones(p.shape[0], dtype=torch.bool)
+            elif active.numel() == p.shape[0]:
+                a = active.cpu()
+            else:  # a shared (collective) module trains whenever anyone does
+                a = active.any().reshape(1).cpu()
+            t += a.double()
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            am = a.to(p.device).view(shape)
+            g = p.grad
+            m.copy_(torch.where(am, m * self.b1 + g * (1 - self.b1), m))
+            v.copy_(torch.where(am, v * self.b2 + g * g * (1 - self.b2), v))
+            tc = t.clamp(min=1)
+            bc1 = (1 - self.b1 ** tc).to(p.device, p.dtype).view(shape)
+            bc2 = (1 - self.b2 ** tc).to(p.device, p.dtype).view(shape)
+            upd = (m / bc1) / ((v / bc2).sqrt() + self.eps)
+            p.sub_(torch.where(am, self.lr * upd, torch.zeros_like(upd)))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    epochs: int = 0
+    examples_seen: int = 0
+    first_loss: float = float("nan")
+    last_loss: float = float("nan")
+    epoch_losses: list = field(default_factory=list)  # mean token loss per epoch-sized slice of steps
+    seconds: float = 0.0
+    cached_lower_layers: bool = False
+
+
+def _schedule(examples: list[TokenizedExample], epochs: int, batch_size: int, seed: int) -> list[list[list[int]]]:
+    """steps[k] = the list of per-user batches (example indices) of global step k."""
+    by_user: dict[int, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_user.setdefault(ex.module, []).append(i)
+    per_user: list[list[list[int]]] = []
+    for u, idx in sorted(by_user.items()):
+        rng = random.Random(f"{seed}:{examples[idx[0]].key}")
+        steps = []
+        for _ in range(epochs):
+            order = idx[:]
+            rng.shuffle(order)
+            steps += [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+        per_user.append(steps)
+    n = max((len(s) for s in per_user), default=0)
+    return [[s[k] for s in per_user if k < len(s)] for k in range(n)]
+
+
+def _logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def forward_loss(model, shifter: Shifter, rows: list[TokenizedExample], weights: list[float], pad_id: int,
+                 first: int, last: int, lower: list[torch.Tensor] | None, low_layer: int,
+                 use_personal: bool = True) -> tuple[torch.Tensor, float, int]:
+    """Sum over rows of weight * (sum of the row's target-token losses). Returns (loss, raw token-loss sum, tokens)."""
+    device = next(model.parameters()).device
+    b = make_batch([r.ids for r in rows], [r.prompt_len for r in rows], [r.module for r in rows], pad_id, first, last).to(device)
+    T = b.input_ids.shape[1]
+    state = ShiftState(b.shift_index, b.shift_valid, b.users if use_personal else None, T)
+    with shifter.active(state):
+        if lower is not None:
+            h0 = torch.zeros(len(rows), T, lower[0].shape[-1], dtype=lower[0].dtype, device=device)
+            for i, (h, off) in enumerate(zip(lower, b.offsets)):
+                h0[i, off:] = h.to(device)
+            with skip_lower_layers(model, low_layer):
+                hidden = model.get_decoder()(inputs_embeds=h0, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                                             use_cache=False).last_hidden_state
+        else:
+            hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                                         use_cache=False).last_hidden_state
+    rows_i, cols, labels, w = [], [], [], []
+    for i, (r, off) in enumerate(zip(rows, b.offsets)):
+        n_t = len(r.ids) - r.prompt_len
+        start = off + r.prompt_len - 1  # the position whose output predicts the first target token
+        rows_i += [i] * n_t
+        cols += list(range(start, start + n_t))
+        labels += r.ids[r.prompt_len:]
+        w += [weights[i]] * n_t
+    logits = _logits_at(model, hidden[torch.tensor(rows_i, device=device), torch.tensor(cols, device=device)])
+    tok_loss = F.cross_entropy(logits, torch.tensor(labels, device=device), reduction="none")
+    loss = (tok_loss * torch.tensor(w, device=device)).sum()
+    return loss, float(tok_loss.detach().sum()), len(labels)
+
+
+def compute_lower_cache(model, examples: list[TokenizedExample], layer: int, pad_id: int, max_bytes: int,
+                        chunk: int = 16, desc: str = "caching frozen states") -> list[torch.Tensor] | None:
+    """Per-example hidden states entering `layer`, or None when they would exceed `max_bytes`."""
+    if layer == 0 or not examples:
+        return None
+    p = next(model.parameters())
+    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
+    need = sum(len(e.ids) for e in examples) * hidden * p.element_size()
+    if need > max_bytes:
+        log.info("frozen-state cache would take %.1f MB > bound %.1f MB: recomputing each epoch", need / 2**20, max_bytes / 2**20)
+        return None
+    cache: list[torch.Tensor | None] = [None] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    for s in tqdm(range(0, len(order), chunk), desc=desc, leave=False, disable=None):
+        idx = order[s: s + chunk]
+        b = make_batch([examples[i].ids for i in idx], [examples[i].prompt_len for i in idx], [0] * len(idx), pad_id, 1, 0).to(p.device)
+        h = lower_states(model, b.input_ids, b.attention_mask, b.position_ids, layer)
+        for j, i in enumerate(idx):
+            cache[i] = h[j, b.offsets[j]:].clone()
+    return cache  # type: ignore[return-value]
+
+
+def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, epochs: int, batch_size: int, lr: float,
+                 train_collective: bool, pad_id: int, first: int, last: int, seed: int = 0, max_rows: int = 32,
+                 cache_max_bytes: int = 2 * 1024**3, desc: str = "training") -> TrainStats:
+    """Train the personal modules (and the collective one if `train_collective`) on `examples`, each
+    example updating the personal module `example.module`."""
+    stats = TrainStats()
+    t0 = time.perf_counter()
+    if not examples:
+        return stats
+    for p in shifter.collective.parameters():
+        p.requires_grad_(train_collective)
+    params = list(shifter.personal.parameters()) + (list(shifter.collective.parameters()) if train_collective else [])
+    for p in shifter.personal.parameters():
+        p.requires_grad_(True)
+    opt = MaskedAdamW(params, lr)
+    low = min(shifter.layers)
+    lower = compute_lower_cache(model, examples, low, pad_id, cache_max_bytes)
+    stats.cached_lower_layers = lower is not None
+    schedule = _schedule(examples, epochs, batch_size, seed)
+    K = shifter.num_users
+    bar = tqdm(schedule, desc=desc, disable=None)
+    per_epoch = max(1, -(-len(schedule) // epochs))
+    acc, acc_n = 0.0, 0
+    for k, step in enumerate(bar):
+        # each user's loss is the mean over its own target tokens in this step
+        rows = [i for user_batch in step for i in user_batch]
+        tokens_of: dict[int, int] = {}
+        for i in rows:
+            ex = examples[i]
+            tokens_of[ex.module] = tokens_of.get(ex.module, 0) + len(ex.ids) - ex.prompt_len
+        rows.sort(key=lambda i: len(examples[i].ids))
+        opt.zero_grad()
+        total, ntok = 0.0, 0
+        for s in range(0, len(rows), max_rows):
+            chunk = [examples[i] for i in rows[s: s + max_rows]]
+            w = [1.0 / tokens_of[ex.module] for ex in chunk]
+            loss, raw, n = forward_loss(model, shifter, chunk, w, pad_id, first, last,
+                                        None if lower is None else [lower[i] for i in rows[s: s + max_rows]], low)
+            loss.backward()
+            total, ntok = total + raw, ntok + n
+        active = torch.zeros(K, dtype=torch.bool)
+        active[list(tokens_of)] = True
+        opt.step(active)
+        stats.steps += 1
+        stats.examples_seen += len(rows)
+        mean = total / max(ntok, 1)
+        if stats.steps == 1:
+            stats.first_loss = mean
+        stats.last_loss = mean
+        acc, acc_n = acc + total, acc_n + ntok
+        if (k + 1) % per_epoch == 0 or k + 1 == len(schedule):
+            stats.epoch_losses.append(round(acc / max(acc_n, 1), 4))
+            acc, acc_n = 0.0, 0
+        bar.set_postfix(loss=f"{mean:.3f}")
+    for p in shifter.parameters():
+        p.requires_grad_(False)
+    stats.epochs = epochs
+    stats.seconds = time.perf_counter() - t0
+    return stats
