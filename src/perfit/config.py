@@ -45,8 +45,8 @@ class RunConfig:
     cache_max_bytes: int = _f(2 * 1024**3, "Bound on the in-memory cache of frozen lower-layer states; beyond it they are recomputed.")
     prompts_file: str = _f("", "JSON file of prompt templates replacing the packaged configs/prompts.json.")
     num_users: int = _f(20, "Generated data only: test users.")
-    num_other_users: int = _f(24, "Generated data only: stage-1 (other) users.")
-    history_per_user: int = _f(24, "Generated data only: history items per user.")
+    num_other_users: int = _f(12, "Generated data only: stage-1 (other) users.")
+    history_per_user: int = _f(20, "Generated data only: history items per user.")
     queries_per_user: int = _f(5, "Generated data only: queries per user.")
 
     def resolved(self) -> "RunConfig":
@@ -69,7 +69,7 @@ class RunConfig:
         for name in ("low_rank_dimension", "user_low_rank_dimension", "max_epoch", "batch_size", "eval_batch_size"):
             if getattr(c, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
-        parse_layers(c.intervene_layer)
+        c.intervene_layer = ";".join(str(l) for l in parse_layers(c.intervene_layer))  # one spelling per layer set
         from .shifts import parse_positions  # local: shifts imports torch
 
         parse_positions(c.positions)

@@ -162,10 +162,7 @@ def _init_from_stage1(ctx: Context, stage1: Shifter, n: int) -> Shifter:
     """n personal modules, each a copy of the initial personal module P0; the collective one frozen."""
     sh = _new_shifter(ctx, n)
     sh.collective.load_state_dict(stage1.collective.state_dict())
-    for l in sh.layers:
-        p0 = stage1.personal[str(l)].slice_state(0)
-        for k in range(n):
-            sh.personal[str(l)].load_slice(k, p0)
+    sh.set_all_personal(stage1)
     return sh.to(next(ctx.model.parameters()).device)
 
 

@@ -8,7 +8,7 @@ import inspect
 from functools import lru_cache
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .prompts import clean_prediction
 from .shifts import Shifter, ShiftState
@@ -39,7 +39,7 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=None):
+    for s in progress(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[s: s + batch_size]
         b = make_batch([prompts[i] for i in idx], [len(prompts[i]) for i in idx],
                        [users[i] if users is not None else 0 for i in idx], tok.pad_token_id, max(first, 0), max(last, 0)).to(device)

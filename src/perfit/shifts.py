@@ -123,6 +123,13 @@ class Shifter(nn.Module):
     def personal_parameters(self) -> int:
         return sum(m.num_parameters_per_module() for m in self.personal.values())
 
+    def set_all_personal(self, source: "Shifter", index: int = 0) -> None:
+        """Every personal module becomes a copy of `source`'s module `index` (stage 2 starts each user from P0)."""
+        for l in self.layers:
+            state = source.personal[str(l)].slice_state(index)
+            for k in range(self.num_users):
+                self.personal[str(l)].load_slice(k, state)
+
     def _hook(self, layer: int):
         def hook(module, args, output):
             st = self.state

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import progress
 
 from ..shifts import Shifter, ShiftState, lower_states, skip_lower_layers
 from .batching import TokenizedExample, make_batch
@@ -144,7 +144,7 @@ def compute_lower_cache(model, examples: list[TokenizedExample], layer: int, pad
         return None
     cache: list[torch.Tensor | None] = [None] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    for s in tqdm(range(0, len(order), chunk), desc=desc, leave=False, disable=None):
+    for s in progress(range(0, len(order), chunk), desc=desc, leave=False):
         idx = order[s: s + chunk]
         b = make_batch([examples[i].ids for i in idx], [examples[i].prompt_len for i in idx], [0] * len(idx), pad_id, 1, 0).to(p.device)
         h = lower_states(model, b.input_ids, b.attention_mask, b.position_ids, layer)
@@ -173,7 +173,7 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
     stats.cached_lower_layers = lower is not None
     schedule = _schedule(examples, epochs, batch_size, seed)
     K = shifter.num_users
-    bar = tqdm(schedule, desc=desc, disable=None)
+    bar = progress(schedule, desc=desc)
     per_epoch = max(1, -(-len(schedule) // epochs))
     acc, acc_n = 0.0, 0
     for k, step in enumerate(bar):

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+
+from conftest import write_json
+from perfit.cli import build_parser, main
+from perfit.config import RunConfig
+from perfit.data import DataError
+from perfit.data.schema import Query
+from perfit.metrics import classification_metrics, generation_metrics
+from perfit.prompts import PromptBuilder, clean_prediction
+from perfit.tasks import get_task
+
+MOVIE = get_task("movie_tagging")
+
+
+def test_accuracy_and_lamp_macro_f1_by_hand():
+    golds = {"1": "comedy", "2": "comedy", "3": "action", "4": "romance"}
+    preds = {"1": "comedy", "2": " action ", "3": "action", "4": "Romance"}  # case matters; spaces are stripped
+    m = classification_metrics(MOVIE, golds, preds)
+    assert m["accuracy"] == pytest.approx(0.5)
+    # comedy: P=1 R=.5 F=2/3; action: P=.5 R=1 F=2/3; romance: F=0; the other 12 labels count as 0
+    assert m["f1"] == pytest.approx((2 / 3 + 2 / 3) / 15)
+
+
+def test_rouge_by_hand():
+    m = generation_metrics({"a": "the cat sat", "b": "dogs run fast"}, {"a": "the cat", "b": "cats walk"})
+    # a: P=1, R=2/3 -> F=0.8 (both metrics); b: no overlap
+    assert m["rouge-1"] == pytest.approx(0.4) and m["rouge-L"] == pytest.approx(0.4)
+
+
+def test_id_mismatch_names_ids():
+    with pytest.raises(DataError, match=r"1 gold ids have no prediction: \['2'\].*1 predicted ids have no gold: \['9'\]"):
+        classification_metrics(MOVIE, {"1": "comedy", "2": "action"}, {"1": "comedy", "9": "action"})
+
+
+def test_cli_evaluate(tmp_path, capsys):
+    write_json(str(tmp_path / "g.json"), {"task": "LaMP_2M", "golds": [{"id": "1", "output": "comedy"}, {"id": "2", "output": "action"}]})
+    write_json(str(tmp_path / "p.json"), {"task": "LaMP_2M", "golds": [{"id": "1", "output": "comedy"}, {"id": "2", "output": "banana"}]})
+    assert main(["evaluate", "--task_name", "movie_tagging", "--golds_json", str(tmp_path / "g.json"), "--preds_json", str(tmp_path / "p.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 0.5
+    write_json(str(tmp_path / "p.json"), {"task": "LaMP_2M", "golds": [{"id": "1", "output": "comedy"}]})
+    assert main(["evaluate", "--task_name", "movie_tagging", "--golds_json", str(tmp_path / "g.json"), "--preds_json", str(tmp_path / "p.json")]) == 2
+    assert "['2']" in capsys.readouterr().err
+
+
+def test_prompts_match_method_exactly():
+    pb = PromptBuilder(MOVIE)
+    ex = pb.history_example({"id": "1", "description": "A space opera.", "tag": "sci-fi"})
+    assert ex.prompt == ("Which tag does this movie relate to among the following tags? Just answer with the tag name without "
+                         "further explanation. tags: [sci-fi, based on a book, comedy, action, twist ending, dystopia, dark comedy, "
+                         "classic, psychology, fantasy, romance, thought-provoking, social commentary, violence, true story] "
+                         "description: A space opera. tag:")
+    assert ex.target == " sci-fi"
+    news = PromptBuilder(get_task("news_categorize")).history_example({"id": "1", "text": "Vote.", "title": "t", "category": "politics"})
+    assert news.prompt.endswith("religion] article: Vote. category:") and news.target == " politics"
+    head = PromptBuilder(get_task("news_headline")).history_example({"id": "1", "text": "Body.", "title": "Head"})
+    assert (head.prompt, head.target) == ("Generate a headline for the following article: Body. headline:", " Head")
+    q = PromptBuilder(MOVIE).query_example(Query("q", "given input", "comedy"))
+    assert (q.prompt, q.target) == ("given input", " comedy")
+
+
+def test_truncation_and_custom_templates(tmp_path):
+    pb = PromptBuilder(get_task("news_headline"), max_field_words=3)
+    assert pb.prompt({"id": "1", "text": "one two three four five", "title": "x"}).endswith("one two three headline:")
+    write_json(str(tmp_path / "p.json"), {"news_headline": {"prompt": "Title for: {text} =>", "target": " {title}"}})
+    pb = PromptBuilder(get_task("news_headline"), str(tmp_path / "p.json"))
+    assert pb.prompt({"id": "1", "text": "abc", "title": "x"}) == "Title for: abc =>"
+    write_json(str(tmp_path / "bad.json"), {"news_headline": {"prompt": "{nope}", "target": " {title}"}})
+    with pytest.raises(ValueError, match="unknown fields"):
+        PromptBuilder(get_task("news_headline"), str(tmp_path / "bad.json"))
+
+
+def test_clean_prediction():
+    assert clean_prediction("  comedy\nmore text") == "comedy"
+
+
+def test_presets_and_overrides():
+    c = RunConfig(task_name="news_categorize").resolved()
+    assert (c.low_rank_dimension, c.user_low_rank_dimension, c.layers, c.positions, c.max_epoch) == (16, 32, [14, 15, 16], "f7+l7", 6)
+    c = RunConfig(task_name="news_headline", user_low_rank_dimension=8, intervene_layer="3;1").resolved()
+    assert (c.low_rank_dimension, c.user_low_rank_dimension, c.layers, c.positions) == (32, 8, [1, 3], "l7")
+    assert c.default_run_dir().startswith("lr=32_ulr=8_il=1.3_pl=l7_ep=4")
+    for bad in ({"positions": "x7"}, {"intervene_layer": "a;b"}, {"batch_size": 0}, {"task_name": "nope"}):
+        with pytest.raises(ValueError):
+            RunConfig(**bad).resolved()
+
+
+def test_stage1_key_tracks_stage1_settings_only():
+    a = RunConfig().resolved()
+    assert a.stage1_key("d") == RunConfig(max_users=3, user_lr=1.0).resolved().stage1_key("d")
+    assert a.stage1_key("d") != RunConfig(low_rank_dimension=8).resolved().stage1_key("d")
+    assert a.stage1_key("d") != a.stage1_key("other data")
+
+
+def test_cli_accepts_both_flag_forms():
+    p = build_parser()
+    a = p.parse_args(["run", "--task_name=news_headline", "--cuda_device", "0", "--intervene_layer=14;15", "--max_epoch", "2",
+                      "--run_dir_name=x", "--seed=3", "--batch_size", "4", "--model_name=m", "--model_path", "/m",
+                      "--low_rank_dimension=8", "--user_low_rank_dimension", "2", "--positions=l7", "--data_dir", "d", "--output_dir=o"])
+    assert (a.task_name, a.intervene_layer, a.max_epoch, a.batch_size, a.positions, a.output_dir) == ("news_headline", "14;15", 2, 4, "l7", "o")
