@@ -8,7 +8,7 @@ from perfit.prompts import Example
 from perfit.shifts import LowRankShift, Shifter, ShiftState, parse_positions, position_index
 from perfit.train import MaskedAdamW, tokenize_examples, train_shifts
 from perfit.train.batching import make_batch
-from perfit.train.loop import forward_loss
+from perfit.train.loop import forward_loss, shared_prefix_len
 
 
 def test_shift_equals_formula_on_random_tensors():
@@ -87,22 +87,32 @@ def _examples(tok, users=("a", "b", "c"), n=5, salt=""):
     return tokenize_examples(tok, ex, 256, {u: k for k, u in enumerate(users)})
 
 
-def _train(model, tok, ex, users, cache=True, collective=False, epochs=2, seed=0):
+def _instruction_examples(tok, users=("a", "b", "c"), n=5):
+    """Examples opening with one long shared instruction, as real task prompts do."""
+    ex = [Example(f"Answer yes or no to the question that follows. Question {u}{i * 7}: is it so? answer:",
+                  f" {'yes' if (i + len(u)) % 2 else 'no'}", u) for u in users for i in range(n)]
+    return tokenize_examples(tok, ex, 256, {u: k for k, u in enumerate(users)})
+
+
+def _train(model, tok, ex, users, cache=True, collective=False, epochs=2, seed=0, share=True):
     sh = Shifter(64, [1, 2], 4, 2, num_users=users, seed=seed)
     sh.set_all_personal(Shifter(64, [1, 2], 4, 2, num_users=1, seed=seed))  # every user starts from the same P0
     sh.attach(model)
     st = train_shifts(model, sh, ex, epochs=epochs, batch_size=2, lr=1e-2, train_collective=collective, pad_id=tok.pad_token_id,
-                      first=2, last=2, seed=seed, cache_max_bytes=(1 << 30) if cache else 0, max_rows=4)
+                      first=2, last=2, seed=seed, cache_max_bytes=(1 << 30) if cache else 0, max_rows=4, share_prefix=share)
     sh.detach()
     return sh, st
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_cached_path_equals_uncached(tok, arch):
+@pytest.mark.parametrize("share", [False, True])
+def test_cached_path_equals_uncached(tok, arch, share):
+    """Lower-layer cache and shared-prefix passes against the plain full forward of every row."""
     model = tiny_llama(arch=arch, vocab=260)
-    ex = _examples(tok)
-    a, sa = _train(model, tok, ex, 3, cache=True, collective=True)
-    b, sb = _train(model, tok, ex, 3, cache=False, collective=True)
+    ex = _instruction_examples(tok)
+    assert shared_prefix_len(ex[:4], 2, 2) > 40
+    a, sa = _train(model, tok, ex, 3, cache=True, collective=True, share=share)
+    b, sb = _train(model, tok, ex, 3, cache=False, collective=True, share=False)
     assert sa.cached_lower_layers and not sb.cached_lower_layers
     assert sa.epoch_losses == pytest.approx(sb.epoch_losses, rel=1e-5)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):

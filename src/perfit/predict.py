@@ -20,7 +20,8 @@ def _newline_ids(tok) -> frozenset[int]:
     return frozenset(i for i in range(len(tok)) if "\n" in tok.decode([i]))
 
 
-def _cache_kw(model) -> str:
+def cache_kwarg(model) -> str:
+    """The name under which this transformers version takes a KV cache ('cache' from 5.x on)."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -34,7 +35,7 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
     device = next(model.parameters()).device
     eos = tok.eos_token_id
     stop = set(_newline_ids(tok)) | ({eos} if eos is not None else set())
-    kw = _cache_kw(model)
+    kw = cache_kwarg(model)
     # only the last position's logits are needed
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -98,11 +98,108 @@ def _logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def shared_prefix_len(rows: list[TokenizedExample], first: int, last: int, min_len: int = 8) -> int:
+    """Length of the token prefix that all rows share and whose shifted positions (the first group) are the same
+    in every row, so it can go through the model once per user; 0 when sharing does not apply."""
+    if len(rows) < 2:
+        return 0
+    ref = rows[0].ids
+    n = min(len(r.ids) for r in rows)
+    for r in rows[1:]:
+        k = 0
+        while k < n and r.ids[k] == ref[k]:
+            k += 1
+        n = k
+    nf = min(first, rows[0].prompt_len // 2)
+    for r in rows:
+        if min(first, r.prompt_len // 2) != nf:
+            return 0
+        n = min(n, r.prompt_len - min(last, r.prompt_len // 2), r.prompt_len - 1)
+    return n if n >= max(nf, min_len) else 0
+
+
+def _kv_shape(model) -> tuple[int, int]:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    return getattr(cfg, "num_key_value_heads", None) or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+
+def _forward_shared_prefix(model, shifter: Shifter, rows: list[TokenizedExample], Lp: int, pad_id: int, first: int,
+                           last: int, lower: list[torch.Tensor] | None, low_layer: int, use_personal: bool):
+    """Run the shared prefix once per user in the chunk, then every row's suffix against its user's prefix
+    keys/values (gradients flow into the prefix through them). Returns the suffix hidden states [B, S, d]
+    and the suffix column of each row's first target prediction."""
+    from transformers import DynamicCache
+
+    from ..predict import cache_kwarg
+
+    device = next(model.parameters()).device
+    users = sorted({r.module for r in rows})
+    g_of = {u: i for i, u in enumerate(users)}
+    G, B = len(users), len(rows)
+    nf = min(first, rows[0].prompt_len // 2)
+    kw = cache_kwarg(model.get_decoder())
+    cache = DynamicCache(config=model.config)
+    pidx = torch.arange(nf, dtype=torch.long).expand(G, nf).to(device)
+    pstate = ShiftState(pidx, torch.ones(G, nf, dtype=torch.bool, device=device),
+                        torch.tensor(users, device=device) if use_personal else None, Lp)
+    ppos = torch.arange(Lp, device=device).expand(G, Lp)
+    pmask = torch.ones(G, Lp, dtype=torch.long, device=device)
+    with shifter.active(pstate):
+        if lower is not None:
+            with skip_lower_layers(model, low_layer):
+                model.get_decoder()(inputs_embeds=lower[0][:Lp].to(device).expand(G, -1, -1), attention_mask=pmask,
+                                    position_ids=ppos, use_cache=True, **{kw: cache})
+            kvh, hd = _kv_shape(model)
+            dt = lower[0].dtype
+            for i in range(low_layer):  # skipped layers hold placeholders so the cache reports the right length
+                z = torch.zeros(G, kvh, Lp, hd, dtype=dt, device=device)
+                cache.update(z, z, i)
+        else:
+            model.get_decoder()(input_ids=torch.tensor([rows[0].ids[:Lp]] * G, device=device), attention_mask=pmask,
+                                position_ids=ppos, use_cache=True, **{kw: cache})
+    cache.reorder_cache(torch.tensor([g_of[r.module] for r in rows], device=device))
+    S = max(len(r.ids) - Lp for r in rows)
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    smask = torch.zeros(B, S, dtype=torch.long)
+    nl_max = last
+    sidx = torch.zeros(B, max(nl_max, 1), dtype=torch.long)
+    svalid = torch.zeros(B, max(nl_max, 1), dtype=torch.bool)
+    for b, r in enumerate(rows):
+        suf = r.ids[Lp:]
+        ids[b, : len(suf)] = torch.tensor(suf)
+        smask[b, : len(suf)] = 1
+        nl = min(last, r.prompt_len // 2)
+        if nl:
+            sidx[b, :nl] = torch.arange(r.prompt_len - nl, r.prompt_len) - Lp
+            svalid[b, :nl] = True
+    mask = torch.cat([torch.ones(B, Lp, dtype=torch.long), smask], 1).to(device)
+    pos = (Lp + torch.arange(S)).expand(B, S).to(device)
+    state = ShiftState(sidx.to(device), svalid.to(device),
+                       torch.tensor([r.module for r in rows], device=device) if use_personal else None, S)
+    with shifter.active(state):
+        if lower is not None:
+            h = torch.zeros(B, S, lower[0].shape[-1], dtype=lower[0].dtype, device=device)
+            for b, r in enumerate(rows):
+                h[b, : len(r.ids) - Lp] = lower[b][Lp:].to(device)
+            with skip_lower_layers(model, low_layer):
+                hidden = model.get_decoder()(inputs_embeds=h, attention_mask=mask, position_ids=pos, use_cache=True,
+                                             **{kw: cache}).last_hidden_state
+        else:
+            hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask, position_ids=pos, use_cache=True,
+                                         **{kw: cache}).last_hidden_state
+    return hidden, [r.prompt_len - 1 - Lp for r in rows]
+
+
 def forward_loss(model, shifter: Shifter, rows: list[TokenizedExample], weights: list[float], pad_id: int,
                  first: int, last: int, lower: list[torch.Tensor] | None, low_layer: int,
-                 use_personal: bool = True) -> tuple[torch.Tensor, float, int]:
+                 use_personal: bool = True, share_prefix: bool = True) -> tuple[torch.Tensor, float, int]:
     """Sum over rows of weight * (sum of the row's target-token losses). Returns (loss, raw token-loss sum, tokens)."""
     device = next(model.parameters()).device
+    Lp = shared_prefix_len(rows, first, last) if share_prefix else 0
+    if Lp:
+        hidden, starts = _forward_shared_prefix(model, shifter, rows, Lp, pad_id, first, last, lower, low_layer, use_personal)
+        return _target_loss(model, hidden, rows, starts, weights)
     b = make_batch([r.ids for r in rows], [r.prompt_len for r in rows], [r.module for r in rows], pad_id, first, last).to(device)
     T = b.input_ids.shape[1]
     state = ShiftState(b.shift_index, b.shift_valid, b.users if use_personal else None, T)
@@ -117,10 +214,15 @@ def forward_loss(model, shifter: Shifter, rows: list[TokenizedExample], weights:
         else:
             hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                                          use_cache=False).last_hidden_state
+    # the position whose output predicts the first target token
+    return _target_loss(model, hidden, rows, [off + r.prompt_len - 1 for r, off in zip(rows, b.offsets)], weights)
+
+
+def _target_loss(model, hidden: torch.Tensor, rows: list[TokenizedExample], starts: list[int], weights: list[float]):
+    device = hidden.device
     rows_i, cols, labels, w = [], [], [], []
-    for i, (r, off) in enumerate(zip(rows, b.offsets)):
+    for i, (r, start) in enumerate(zip(rows, starts)):
         n_t = len(r.ids) - r.prompt_len
-        start = off + r.prompt_len - 1  # the position whose output predicts the first target token
         rows_i += [i] * n_t
         cols += list(range(start, start + n_t))
         labels += r.ids[r.prompt_len:]
@@ -155,7 +257,7 @@ def compute_lower_cache(model, examples: list[TokenizedExample], layer: int, pad
 
 def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, epochs: int, batch_size: int, lr: float,
                  train_collective: bool, pad_id: int, first: int, last: int, seed: int = 0, max_rows: int = 32,
-                 cache_max_bytes: int = 2 * 1024**3, desc: str = "training") -> TrainStats:
+                 cache_max_bytes: int = 2 * 1024**3, share_prefix: bool = True, desc: str = "training") -> TrainStats:
     """Train the personal modules (and the collective one if `train_collective`) on `examples`, each
     example updating the personal module `example.module`."""
     stats = TrainStats()
@@ -190,7 +292,8 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
             chunk = [examples[i] for i in rows[s: s + max_rows]]
             w = [1.0 / tokens_of[ex.module] for ex in chunk]
             loss, raw, n = forward_loss(model, shifter, chunk, w, pad_id, first, last,
-                                        None if lower is None else [lower[i] for i in rows[s: s + max_rows]], low)
+                                        None if lower is None else [lower[i] for i in rows[s: s + max_rows]], low,
+                                        share_prefix=share_prefix)
             loss.backward()
             total, ntok = total + raw, ntok + n
         active = torch.zeros(K, dtype=torch.bool)
