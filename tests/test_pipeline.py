@@ -81,6 +81,16 @@ def test_stage1_reuse_and_invalidation(finished_run, tiny_model_dir, data, caplo
         pipeline.run_stage2(ctx2, pipeline.load_stage1(os.path.join(res["run_dir"], "task_reft", "ckpt"), ctx2.model)[0])
 
 
+def test_stage2_rerun_keeps_stored_users(finished_run, caplog):
+    cfg, res = finished_run
+    users = os.path.join(res["run_dir"], "users")
+    before = {f: os.path.getmtime(os.path.join(users, f)) for f in os.listdir(users)}
+    caplog.set_level("INFO", logger="perfit")
+    pipeline.stage2_only(cfg)
+    assert "3 users already in the store, 0 to train" in caplog.text
+    assert {f: os.path.getmtime(os.path.join(users, f)) for f in os.listdir(users)} == before
+
+
 def test_reloaded_user_shift_gives_identical_predictions(finished_run):
     cfg, res = finished_run
     got = pipeline.predict_only(cfg)  # loads the checkpoint and the user store from disk only

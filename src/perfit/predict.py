@@ -29,12 +29,13 @@ def cache_kwarg(model) -> str:
 @torch.no_grad()
 def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | None = None, shifter: Shifter | None = None,
                     use_collective: bool = True, first: int = 0, last: int = 0, max_new_tokens: int = 16,
-                    batch_size: int = 32, desc: str = "generating") -> list[str]:
+                    batch_size: int = 32, desc: str = "generating", stop_early: bool = True) -> list[str]:
     """Returns the cleaned generation of each prompt (token ids), in input order. `users[i]` is the personal
-    module of prompt i (None: no personal shift); `shifter` None: the bare model."""
+    module of prompt i (None: no personal shift); `shifter` None: the bare model. `stop_early=False` always
+    generates max_new_tokens tokens (for like-for-like throughput measurements)."""
     device = next(model.parameters()).device
     eos = tok.eos_token_id
-    stop = set(_newline_ids(tok)) | ({eos} if eos is not None else set())
+    stop = (set(_newline_ids(tok)) | ({eos} if eos is not None else set())) if stop_early else set()
     kw = cache_kwarg(model)
     # only the last position's logits are needed
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}

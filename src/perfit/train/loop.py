@@ -309,7 +309,7 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
         if (k + 1) % per_epoch == 0 or k + 1 == len(schedule):
             stats.epoch_losses.append(round(acc / max(acc_n, 1), 4))
             acc, acc_n = 0.0, 0
-        bar.set_postfix(loss=f"{mean:.3f}")
+        bar.set_postfix(loss=f"{mean:.3f}", refresh=False)
     for p in shifter.parameters():
         p.requires_grad_(False)
     stats.epochs = epochs
