@@ -1,0 +1,343 @@
+"""Typed loading and validation of the per-user layout.
+
+Every problem names the file, the user, the item index and the field; all problems of a file are gathered
+and raised together as one `DataError`, before anything is trained or written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from ..tasks import LAMP_IDS, Task, get_task
+
+OTHERS_FILE = "user_others.json"
+TEST_FILE = "user_top_100_history.json"
+LABEL_FILE = "user_top_100_history_label.json"
+MAX_REPORTED = 30
+
+
+class DataError(ValueError):
+    """Bad input data. `problems` lists every problem found, each naming file, user, item and field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        shown = self.problems[:MAX_REPORTED]
+        more = len(self.problems) - len(shown)
+        msg = "\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else "")
+        super().__init__(msg)
+
+
+@dataclass
+class Query:
+    id: str
+    input: str
+    gold: str = ""
+
+
+@dataclass
+class User:
+    user_id: str
+    profile: list[dict]
+    query: list[Query] = field(default_factory=list)
+
+
+@dataclass
+class TaskData:
+    task: Task
+    data_dir: str
+    test_users: list[User]
+    golds: dict[str, str]  # query id -> gold output of the test users
+    others_path: str
+
+    def iter_others(self) -> Iterator[User]:
+        """Stream and validate user_others.json (it can be gigabytes)."""
+        return load_users(self.others_path, self.task, role="others")
+
+
+def write_json_atomic(path: str, obj: Any, indent: int | None = 1) -> None:
+    """Write JSON so that a crash never leaves a half-written file under `path`."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[Any]:
+    """Yield the elements of a top-level JSON array one at a time, reading the file in chunks."""
+    dec = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        buf, pos, consumed, eof = "", 0, 0, False
+
+        def fill() -> bool:
+            nonlocal buf, pos, consumed, eof
+            if eof:
+                return False
+            chunk = f.read(chunk_size)
+            if not chunk:
+                eof = True
+                return False
+            consumed += pos
+            buf, pos = buf[pos:] + chunk, 0
+            return True
+
+        def skip_ws() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf):
+                    return buf[pos]
+                if not fill():
+                    return ""
+
+        def where() -> str:
+            return f"character {consumed + pos}"
+
+        if skip_ws() != "[":
+            raise DataError([f"{path}: malformed JSON: expected a list ('[') at {where()}"])
+        pos += 1
+        if skip_ws() == "]":
+            return
+        while True:
+            skip_ws()
+            while True:
+                try:
+                    obj, end = dec.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as e:
+                    if not fill():
+                        raise DataError([f"{path}: malformed JSON at character {consumed + e.pos}: {e.msg}"]) from None
+            pos = end
+            yield obj
+            c = skip_ws()
+            if c == ",":
+                pos += 1
+            elif c == "]":
+                return
+            else:
+                raise DataError([f"{path}: malformed JSON: expected ',' or ']' at {where()}"])
+
+
+def _check_str(problems: list[str], where: str, obj: dict, key: str, allow_empty: bool = False) -> str | None:
+    if key not in obj:
+        problems.append(f"{where}: missing field {key!r}")
+        return None
+    v = obj[key]
+    if not isinstance(v, str):
+        problems.append(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+        return None
+    if not allow_empty and not v.strip():
+        problems.append(f"{where}: field {key!r} is empty")
+        return None
+    return v
+
+
+def _validate_user(raw: Any, idx: int, path: str, task: Task, role: str, problems: list[str]) -> User | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: user #{idx}: must be an object, got {type(raw).__name__}")
+        return None
+    uid = raw.get("user_id")
+    if isinstance(uid, int) and not isinstance(uid, bool):
+        uid = str(uid)
+    if not isinstance(uid, str) or not uid:
+        problems.append(f"{path}: user #{idx}: field 'user_id' missing or not a string")
+        return None
+    here = f"{path}: user {uid!r}"
+    n0 = len(problems)
+    profile = raw.get("profile")
+    if not isinstance(profile, list):
+        problems.append(f"{here}: field 'profile' missing or not a list")
+        profile = []
+    elif not profile and role == "test":
+        problems.append(f"{here}: field 'profile' is empty (a test user needs history to personalize on)")
+    item_ids: set[str] = set()
+    for i, item in enumerate(profile):
+        w = f"{here} profile item {i}"
+        if not isinstance(item, dict):
+            problems.append(f"{w}: must be an object, got {type(item).__name__}")
+            continue
+        iid = item.get("id")
+        if isinstance(iid, int) and not isinstance(iid, bool):
+            item["id"] = iid = str(iid)
+        if not isinstance(iid, str) or not iid:
+            problems.append(f"{w}: field 'id' missing or not a string")
+        elif iid in item_ids:
+            problems.append(f"{w}: duplicate item id {iid!r}")
+        else:
+            item_ids.add(iid)
+        for key in task.item_fields:
+            v = _check_str(problems, w, item, key, allow_empty=(key != task.target_field))
+            if v is not None and task.is_classification and key == task.target_field and v not in task.labels:
+                problems.append(f"{w}: field {key!r} value {v!r} is not one of the task's {len(task.labels)} labels")
+    queries: list[Query] = []
+    rawq = raw.get("query")
+    if not isinstance(rawq, list):
+        problems.append(f"{here}: field 'query' missing or not a list")
+        rawq = []
+    elif not rawq and role == "test":
+        problems.append(f"{here}: field 'query' is empty (nothing to predict)")
+    for j, q in enumerate(rawq):
+        w = f"{here} query {j}"
+        if not isinstance(q, dict):
+            problems.append(f"{w}: must be an object, got {type(q).__name__}")
+            continue
+        qid = q.get("id")
+        if isinstance(qid, int) and not isinstance(qid, bool):
+            qid = str(qid)
+        if not isinstance(qid, str) or not qid:
+            problems.append(f"{w}: field 'id' missing or not a string")
+            continue
+        inp = _check_str(problems, f"{w} (id {qid!r})", q, "input")
+        gold = q.get("gold", "")
+        if gold is None:
+            gold = ""
+        if not isinstance(gold, str):
+            problems.append(f"{w} (id {qid!r}): field 'gold' must be a string, got {type(gold).__name__}")
+            gold = ""
+        elif gold and task.is_classification and gold not in task.labels:
+            problems.append(f"{w} (id {qid!r}): field 'gold' value {gold!r} is not one of the task's labels")
+        if inp is not None:
+            queries.append(Query(qid, inp, gold))
+    if len(problems) > n0:
+        return None
+    return User(uid, profile, queries)
+
+
+def load_users(path: str, task: Task, role: str = "test") -> Iterator[User]:
+    """Stream the users of a per-user file, validating each. Raises DataError listing all problems,
+    after the whole file was read (so nothing downstream ever acts on a partly valid file)."""
+    if not os.path.isfile(path):
+        raise DataError([f"{path}: file not found"])
+    problems: list[str] = []
+    seen_users: set[str] = set()
+    seen_queries: dict[str, str] = {}
+    users: list[User] = []
+    for idx, raw in enumerate(iter_json_array(path)):
+        u = _validate_user(raw, idx, path, task, role, problems)
+        if u is None:
+            continue
+        if u.user_id in seen_users:
+            problems.append(f"{path}: user {u.user_id!r}: duplicate user_id (user #{idx})")
+            continue
+        seen_users.add(u.user_id)
+        for q in u.query:
+            if q.id in seen_queries:
+                problems.append(f"{path}: user {u.user_id!r}: query id {q.id!r} also used by user {seen_queries[q.id]!r}")
+            seen_queries[q.id] = u.user_id
+        if not problems:
+            users.append(u)
+    if problems:
+        raise DataError(problems)
+    yield from users
+
+
+def load_golds(path: str, task: Task | None = None) -> tuple[str, dict[str, str]]:
+    """Read a LaMP label file {task, golds: [{id, output}]}; returns (task name, {id: output})."""
+    if not os.path.isfile(path):
+        raise DataError([f"{path}: file not found"])
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError([f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"]) from None
+    problems: list[str] = []
+    if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
+        raise DataError([f"{path}: must be an object with a list field 'golds'"])
+    lamp = data.get("task", "")
+    name = LAMP_IDS.get(lamp, "")
+    if task is not None and lamp and name != task.name:
+        problems.append(f"{path}: field 'task' is {lamp!r} but task_name is {task.name!r} ({task.lamp_id})")
+    golds: dict[str, str] = {}
+    for i, g in enumerate(data["golds"]):
+        w = f"{path}: golds[{i}]"
+        if not isinstance(g, dict):
+            problems.append(f"{w}: must be an object")
+            continue
+        gid = g.get("id")
+        if isinstance(gid, int) and not isinstance(gid, bool):
+            gid = str(gid)
+        if not isinstance(gid, str) or not gid:
+            problems.append(f"{w}: field 'id' missing or not a string")
+            continue
+        out = g.get("output")
+        if not isinstance(out, str):
+            problems.append(f"{w} (id {gid!r}): field 'output' missing or not a string")
+            continue
+        if gid in golds:
+            problems.append(f"{w}: duplicate id {gid!r}")
+        if task is not None and task.is_classification and out not in task.labels:
+            problems.append(f"{w} (id {gid!r}): field 'output' value {out!r} is not one of the task's labels")
+        golds[gid] = out
+    if problems:
+        raise DataError(problems)
+    return name, golds
+
+
+def load_task_data(data_dir: str, task_name: str, validate_others: bool = True) -> TaskData:
+    """Load and validate <data_dir>/<task_name>/. Test users are loaded; user_others.json is streamed
+    once here to validate it (and again by stage 1 only when no reusable checkpoint exists)."""
+    task = get_task(task_name)
+    root = os.path.join(data_dir, task_name)
+    if not os.path.isdir(root):
+        raise DataError([f"{root}: data folder not found (expected {OTHERS_FILE}, {TEST_FILE}, {LABEL_FILE})"])
+    problems: list[str] = []
+    test_path, label_path, others_path = (os.path.join(root, n) for n in (TEST_FILE, LABEL_FILE, OTHERS_FILE))
+    users: list[User] = []
+    golds: dict[str, str] = {}
+    for fn in (lambda: users.extend(load_users(test_path, task, "test")),
+               lambda: golds.update(load_golds(label_path, task)[1])):
+        try:
+            fn()
+        except DataError as e:
+            problems += e.problems
+    if not os.path.isfile(others_path):
+        problems.append(f"{others_path}: file not found")
+    if not problems:
+        for u in users:
+            missing = [q.id for q in u.query if q.id not in golds]
+            if missing:
+                problems.append(f"{label_path}: no gold label for query ids {missing[:10]} of user {u.user_id!r} "
+                                f"(from {test_path})")
+    if problems:
+        raise DataError(problems)
+    return TaskData(task, data_dir, users, golds, others_path)
+
+
+def data_fingerprint(paths: list[str]) -> str:
+    """Cheap identity of input files (size, mtime, name) for stage-1 reuse decisions."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def summarize(td: TaskData, others: list[User] | None = None) -> dict:
+    items = [len(u.profile) for u in td.test_users]
+    summary: dict[str, Any] = {
+        "task": td.task.name,
+        "test_users": len(td.test_users),
+        "queries": sum(len(u.query) for u in td.test_users),
+        "history_items": sum(items),
+        "history_per_user_min_median_max": [min(items), sorted(items)[len(items) // 2], max(items)] if items else [],
+    }
+    if td.task.is_classification:
+        summary["gold_labels"] = dict(Counter(td.golds[q.id] for u in td.test_users for q in u.query).most_common())
+    if others is not None:
+        summary["other_users"] = len(others)
+        summary["other_examples"] = sum(len(u.profile) + sum(1 for q in u.query if q.gold) for u in others)
+    return summary
