@@ -255,6 +255,23 @@ def compute_lower_cache(model, examples: list[TokenizedExample], layer: int, pad
     return cache  # type: ignore[return-value]
 
 
+def _chunks(examples: list[TokenizedExample], rows: list[int], max_rows: int, by_user: bool) -> list[list[int]]:
+    """Split a step's rows into forward passes of at most max_rows. With prefix sharing, whole users are packed
+    together (a user's prefix then runs once per step); otherwise rows are grouped by length (less padding)."""
+    if not by_user:
+        rows = sorted(rows, key=lambda i: len(examples[i].ids))
+        return [rows[s: s + max_rows] for s in range(0, len(rows), max_rows)]
+    per_user: dict[int, list[int]] = {}
+    for i in sorted(rows, key=lambda i: len(examples[i].ids)):
+        per_user.setdefault(examples[i].module, []).append(i)
+    out: list[list[int]] = [[]]
+    for mine in per_user.values():
+        if out[-1] and len(out[-1]) + len(mine) > max_rows:
+            out.append([])
+        out[-1] += mine  # a user's rows never exceed batch_size, so this stays near max_rows
+    return out
+
+
 def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, epochs: int, batch_size: int, lr: float,
                  train_collective: bool, pad_id: int, first: int, last: int, seed: int = 0, max_rows: int = 32,
                  cache_max_bytes: int = 2 * 1024**3, share_prefix: bool = True, desc: str = "training") -> TrainStats:
@@ -285,15 +302,13 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
         for i in rows:
             ex = examples[i]
             tokens_of[ex.module] = tokens_of.get(ex.module, 0) + len(ex.ids) - ex.prompt_len
-        rows.sort(key=lambda i: len(examples[i].ids))
         opt.zero_grad()
         total, ntok = 0.0, 0
-        for s in range(0, len(rows), max_rows):
-            chunk = [examples[i] for i in rows[s: s + max_rows]]
+        for part in _chunks(examples, rows, max_rows, share_prefix):
+            chunk = [examples[i] for i in part]
             w = [1.0 / tokens_of[ex.module] for ex in chunk]
             loss, raw, n = forward_loss(model, shifter, chunk, w, pad_id, first, last,
-                                        None if lower is None else [lower[i] for i in rows[s: s + max_rows]], low,
-                                        share_prefix=share_prefix)
+                                        None if lower is None else [lower[i] for i in part], low, share_prefix=share_prefix)
             loss.backward()
             total, ntok = total + raw, ntok + n
         active = torch.zeros(K, dtype=torch.bool)
