@@ -73,6 +73,7 @@ def test_truncation_and_custom_templates(tmp_path):
 
 def test_clean_prediction():
     assert clean_prediction("  comedy\nmore text") == "comedy"
+    assert clean_prediction("\n\n A headline\nmore") == "A headline"  # instruct models often open with a newline
 
 
 def test_presets_and_overrides():

@@ -46,6 +46,7 @@ def test_end_to_end_outputs(finished_run):
     per_module = 2 * 64 * 2 + 2
     assert res["variants"]["perfit"]["trainable_parameters"]["per_user"] == 2 * per_module
     assert res["variants"]["stage1"]["trainable_parameters"]["collective"] == 2 * (2 * 64 * 4 + 4) + 2 * per_module
+    assert res["variants"]["perfit"]["train_seconds"] > res["variants"]["stage1"]["train_seconds"] > 0
     preds = json.load(open(os.path.join(run, "perfit_data_type=user_top_100_history", "predictions.json")))
     assert preds["task"] == "LaMP_2M" and len(preds["golds"]) == 6
     allres = json.load(open(os.path.join(run, "result_data_type=user_top_100_history", "user_top_100_history_all.json")))
@@ -96,6 +97,7 @@ def test_reloaded_user_shift_gives_identical_predictions(finished_run):
     got = pipeline.predict_only(cfg)  # loads the checkpoint and the user store from disk only
     first = json.load(open(os.path.join(res["run_dir"], "result_data_type=user_top_100_history", "user_top_100_history_all.json")))
     assert got["variants"]["perfit"]["metrics"] == res["variants"]["perfit"]["metrics"]
+    assert got["variants"]["perfit"]["train_seconds"] == res["variants"]["perfit"]["train_seconds"]
     again = json.load(open(os.path.join(res["run_dir"], "result_data_type=user_top_100_history", "user_top_100_history_all.json")))
     assert first == again
 
@@ -159,3 +161,25 @@ def test_cli_layer_beyond_depth(tiny_model_dir, data, tmp_path, capsys):
     rc = main(["run", "--task_name", "movie_tagging", "--data_dir", data, "--output_dir", str(tmp_path), "--model_path", tiny_model_dir,
                "--intervene_layer", "2;9"])
     assert rc == 2 and "the model has 4 decoder layers" in capsys.readouterr().err
+
+
+class _Scripted(torch.nn.Module):
+    """Emits a fixed token script whatever the input (to test the decoder's stopping rules)."""
+
+    def __init__(self, script, vocab):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.vocab, self.step = script, vocab, 0
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=True, cache=None, logits_to_keep=0):
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
+        logits[:, -1, self.script[min(self.step, len(self.script) - 1)]] = 1.0
+        self.step += 1
+        return type("Out", (), {"logits": logits, "cache": object()})()
+
+
+def test_decoder_skips_leading_newlines_and_stops_at_the_next(tok):
+    nl, a, b, eos = tok("\n")["input_ids"][0], tok("a")["input_ids"][0], tok("b")["input_ids"][0], tok.eos_token_id
+    assert greedy_generate(_Scripted([nl, nl, a, b, nl, a], len(tok)), tok, [[5, 6]], max_new_tokens=10) == ["ab"]
+    assert greedy_generate(_Scripted([a, eos, b], len(tok)), tok, [[5, 6]], max_new_tokens=10) == ["a"]
+    assert greedy_generate(_Scripted([a, nl, b], len(tok)), tok, [[5, 6]], max_new_tokens=3, stop_early=False) == ["a"]

@@ -20,6 +20,11 @@ def _newline_ids(tok) -> frozenset[int]:
     return frozenset(i for i in range(len(tok)) if "\n" in tok.decode([i]))
 
 
+@lru_cache(maxsize=8)
+def _blank_ids(tok) -> frozenset[int]:
+    return frozenset(i for i in range(len(tok)) if not tok.decode([i]).strip())
+
+
 def cache_kwarg(model) -> str:
     """The name under which this transformers version takes a KV cache ('cache' from 5.x on)."""
     params = inspect.signature(model.forward).parameters
@@ -35,7 +40,8 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
     generates max_new_tokens tokens (for like-for-like throughput measurements)."""
     device = next(model.parameters()).device
     eos = tok.eos_token_id
-    stop = (set(_newline_ids(tok)) | ({eos} if eos is not None else set())) if stop_early else set()
+    newline = set(_newline_ids(tok)) if stop_early else set()
+    blank = _blank_ids(tok)
     kw = cache_kwarg(model)
     # only the last position's logits are needed
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -58,16 +64,19 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
         cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
         gen = [[] for _ in idx]
         done = torch.zeros(len(idx), dtype=torch.bool)
+        started = [False] * len(idx)  # a newline ends the answer only once some text was produced
         nxt = res.logits[:, -1].argmax(-1)
         for step in range(max_new_tokens):
             for j, t in enumerate(nxt.tolist()):
-                if not done[j]:
-                    if t in stop:
-                        if t != eos:
-                            gen[j].append(t)
-                        done[j] = True
-                    else:
-                        gen[j].append(t)
+                if done[j]:
+                    continue
+                if stop_early and t == eos:
+                    done[j] = True
+                    continue
+                gen[j].append(t)
+                if t in newline and started[j]:
+                    done[j] = True
+                started[j] = started[j] or t not in blank
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(len(idx), 1)], dim=1)

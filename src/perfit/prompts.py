@@ -56,5 +56,5 @@ class PromptBuilder:
 
 
 def clean_prediction(text: str) -> str:
-    """Cut a generation at the first newline (EOS is cut by the decoder) and strip it."""
-    return text.split("\n", 1)[0].strip()
+    """Cut a generation at its first newline after any leading blank lines (EOS is cut by the decoder), then strip."""
+    return text.strip().split("\n", 1)[0].strip()
