@@ -132,6 +132,13 @@ def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[Any]:
                 raise DataError([f"{path}: malformed JSON: expected ',' or ']' at {where()}"])
 
 
+def _as_id(value: Any) -> str | None:
+    """Ids may be strings or integers (official LaMP files use both); anything else, or empty, is invalid."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value if isinstance(value, str) and value else None
+
+
 def _check_str(problems: list[str], where: str, obj: dict, key: str, allow_empty: bool = False) -> str | None:
     if key not in obj:
         problems.append(f"{where}: missing field {key!r}")
@@ -150,10 +157,8 @@ def _validate_user(raw: Any, idx: int, path: str, task: Task, role: str, problem
     if not isinstance(raw, dict):
         problems.append(f"{path}: user #{idx}: must be an object, got {type(raw).__name__}")
         return None
-    uid = raw.get("user_id")
-    if isinstance(uid, int) and not isinstance(uid, bool):
-        uid = str(uid)
-    if not isinstance(uid, str) or not uid:
+    uid = _as_id(raw.get("user_id"))
+    if uid is None:
         problems.append(f"{path}: user #{idx}: field 'user_id' missing or not a string")
         return None
     here = f"{path}: user {uid!r}"
@@ -170,14 +175,13 @@ def _validate_user(raw: Any, idx: int, path: str, task: Task, role: str, problem
         if not isinstance(item, dict):
             problems.append(f"{w}: must be an object, got {type(item).__name__}")
             continue
-        iid = item.get("id")
-        if isinstance(iid, int) and not isinstance(iid, bool):
-            item["id"] = iid = str(iid)
-        if not isinstance(iid, str) or not iid:
+        iid = _as_id(item.get("id"))
+        if iid is None:
             problems.append(f"{w}: field 'id' missing or not a string")
         elif iid in item_ids:
             problems.append(f"{w}: duplicate item id {iid!r}")
         else:
+            item["id"] = iid
             item_ids.add(iid)
         for key in task.item_fields:
             v = _check_str(problems, w, item, key, allow_empty=(key != task.target_field))
@@ -195,10 +199,8 @@ def _validate_user(raw: Any, idx: int, path: str, task: Task, role: str, problem
         if not isinstance(q, dict):
             problems.append(f"{w}: must be an object, got {type(q).__name__}")
             continue
-        qid = q.get("id")
-        if isinstance(qid, int) and not isinstance(qid, bool):
-            qid = str(qid)
-        if not isinstance(qid, str) or not qid:
+        qid = _as_id(q.get("id"))
+        if qid is None:
             problems.append(f"{w}: field 'id' missing or not a string")
             continue
         inp = _check_str(problems, f"{w} (id {qid!r})", q, "input")
@@ -267,10 +269,8 @@ def load_golds(path: str, task: Task | None = None) -> tuple[str, dict[str, str]
         if not isinstance(g, dict):
             problems.append(f"{w}: must be an object")
             continue
-        gid = g.get("id")
-        if isinstance(gid, int) and not isinstance(gid, bool):
-            gid = str(gid)
-        if not isinstance(gid, str) or not gid:
+        gid = _as_id(g.get("id"))
+        if gid is None:
             problems.append(f"{w}: field 'id' missing or not a string")
             continue
         out = g.get("output")
