@@ -141,6 +141,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (expected model.layers)")
 
 
+def text_config(model):
+    """The config holding the decoder's sizes (multimodal models nest it)."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def check_layers(model, layers: list[int]) -> None:
     n = len(decoder_layers(model))
     bad = [l for l in layers if not 0 <= l < n]
@@ -158,7 +163,7 @@ def load_backbone(model_path: str = "", dtype: str = "auto", cuda_device: int = 
     tok = _fix_tokenizer(AutoTokenizer.from_pretrained(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
     freeze(model)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     info = BackboneInfo(name or os.path.basename(os.path.normpath(path)), path, len(decoder_layers(model)),
                         int(cfg.hidden_size), str(device), str(torch_dtype).removeprefix("torch."))
     log.info("model %s: %d layers, hidden size %d, %s on %s", info.name, info.num_layers, info.hidden_size,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from ..progress import progress
 
+from ..backbone import text_config
 from ..shifts import Shifter, ShiftState, lower_states, skip_lower_layers
 from .batching import TokenizedExample, make_batch
 
@@ -119,7 +120,7 @@ def shared_prefix_len(rows: list[TokenizedExample], first: int, last: int, min_l
 
 
 def _kv_shape(model) -> tuple[int, int]:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     heads = cfg.num_attention_heads
     return getattr(cfg, "num_key_value_heads", None) or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
 
@@ -151,9 +152,8 @@ def _forward_shared_prefix(model, shifter: Shifter, rows: list[TokenizedExample]
                 model.get_decoder()(inputs_embeds=lower[0][:Lp].to(device).expand(G, -1, -1), attention_mask=pmask,
                                     position_ids=ppos, use_cache=True, **{kw: cache})
             kvh, hd = _kv_shape(model)
-            dt = lower[0].dtype
+            z = torch.zeros(G, kvh, Lp, hd, dtype=lower[0].dtype, device=device)
             for i in range(low_layer):  # skipped layers hold placeholders so the cache reports the right length
-                z = torch.zeros(G, kvh, Lp, hd, dtype=dt, device=device)
                 cache.update(z, z, i)
         else:
             model.get_decoder()(input_ids=torch.tensor([rows[0].ids[:Lp]] * G, device=device), attention_mask=pmask,
@@ -162,9 +162,8 @@ def _forward_shared_prefix(model, shifter: Shifter, rows: list[TokenizedExample]
     S = max(len(r.ids) - Lp for r in rows)
     ids = torch.full((B, S), pad_id, dtype=torch.long)
     smask = torch.zeros(B, S, dtype=torch.long)
-    nl_max = last
-    sidx = torch.zeros(B, max(nl_max, 1), dtype=torch.long)
-    svalid = torch.zeros(B, max(nl_max, 1), dtype=torch.bool)
+    sidx = torch.zeros(B, max(last, 1), dtype=torch.long)
+    svalid = torch.zeros(B, max(last, 1), dtype=torch.bool)
     for b, r in enumerate(rows):
         suf = r.ids[Lp:]
         ids[b, : len(suf)] = torch.tensor(suf)
@@ -239,8 +238,7 @@ def compute_lower_cache(model, examples: list[TokenizedExample], layer: int, pad
     if layer == 0 or not examples:
         return None
     p = next(model.parameters())
-    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
-    need = sum(len(e.ids) for e in examples) * hidden * p.element_size()
+    need = sum(len(e.ids) for e in examples) * text_config(model).hidden_size * p.element_size()
     if need > max_bytes:
         log.info("frozen-state cache would take %.1f MB > bound %.1f MB: recomputing each epoch", need / 2**20, max_bytes / 2**20)
         return None
