@@ -94,12 +94,13 @@ def _instruction_examples(tok, users=("a", "b", "c"), n=5):
     return tokenize_examples(tok, ex, 256, {u: k for k, u in enumerate(users)})
 
 
-def _train(model, tok, ex, users, cache=True, collective=False, epochs=2, seed=0, share=True):
+def _train(model, tok, ex, users, cache=True, collective=False, epochs=2, seed=0, share=True, first=2, frozen=True):
     sh = Shifter(64, [1, 2], 4, 2, num_users=users, seed=seed)
     sh.set_all_personal(Shifter(64, [1, 2], 4, 2, num_users=1, seed=seed))  # every user starts from the same P0
     sh.attach(model)
     st = train_shifts(model, sh, ex, epochs=epochs, batch_size=2, lr=1e-2, train_collective=collective, pad_id=tok.pad_token_id,
-                      first=2, last=2, seed=seed, cache_max_bytes=(1 << 30) if cache else 0, max_rows=4, share_prefix=share)
+                      first=first, last=2, seed=seed, cache_max_bytes=(1 << 30) if cache else 0, max_rows=4, share_prefix=share,
+                      frozen_prefix=frozen)
     sh.detach()
     return sh, st
 
@@ -114,6 +115,22 @@ def test_cached_path_equals_uncached(tok, arch, share):
     a, sa = _train(model, tok, ex, 3, cache=True, collective=True, share=share)
     b, sb = _train(model, tok, ex, 3, cache=False, collective=True, share=False)
     assert sa.cached_lower_layers and not sb.cached_lower_layers
+    assert sa.epoch_losses == pytest.approx(sb.epoch_losses, rel=1e-5)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_frozen_prefix_path_equals_uncached(tok, arch):
+    """Last-positions-only shifts (like l7): cached prefix keys/values + suffix-only passes give the same training as
+    full forwards. Prompts of different lengths, so prefixes are re-padded. Sliding-window models fall back."""
+    model = tiny_llama(arch=arch, vocab=260)
+    ex = _examples(tok) + _instruction_examples(tok, n=2)
+    for e in ex:
+        e.module = {"a": 0, "b": 1, "c": 2}[e.key]
+    a, sa = _train(model, tok, ex, 3, cache=True, collective=True, first=0)
+    b, sb = _train(model, tok, ex, 3, cache=False, collective=True, first=0)
+    assert sa.cached_frozen_prefix == (arch == "llama") and not sb.cached_lower_layers
     assert sa.epoch_losses == pytest.approx(sb.epoch_losses, rel=1e-5)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from ..progress import progress
 
-from ..backbone import text_config
+from ..backbone import decoder_layers, text_config
 from ..shifts import Shifter, ShiftState, lower_states, skip_lower_layers
 from .batching import TokenizedExample, make_batch
 
@@ -73,6 +73,7 @@ class TrainStats:
     epoch_losses: list = field(default_factory=list)  # mean token loss per epoch-sized slice of steps
     seconds: float = 0.0
     cached_lower_layers: bool = False
+    cached_frozen_prefix: bool = False
 
 
 def _schedule(examples: list[TokenizedExample], epochs: int, batch_size: int, seed: int) -> list[list[list[int]]]:
@@ -190,15 +191,134 @@ def _forward_shared_prefix(model, shifter: Shifter, rows: list[TokenizedExample]
     return hidden, [r.prompt_len - 1 - Lp for r in rows]
 
 
+@dataclass
+class FrozenPrefix:
+    """What one example needs when only its last prompt positions are shifted (no `f` group): the keys/values of the
+    unshifted prompt prefix at every layer from the lowest shifted one on, and the states entering that layer for
+    the rest (the shifted positions and the target). Causal attention keeps all of it fixed during training."""
+    P: int  # prefix tokens
+    keys: list[torch.Tensor]  # per layer >= low: [kv_heads, P, head_dim]
+    values: list[torch.Tensor]
+    suffix_states: torch.Tensor  # [len - P, hidden]
+
+
+def frozen_prefix_len(ex: TokenizedExample, last: int) -> int:
+    return min(ex.prompt_len - min(last, ex.prompt_len // 2), ex.prompt_len - 1)
+
+
+def frozen_prefix_supported(model) -> bool:
+    """Sliding-window layers would need the window re-applied over a re-padded cache: not worth it, fall back."""
+    cfg = text_config(model)
+    return getattr(cfg, "sliding_window", None) is None and not any(
+        "sliding" in str(t) for t in (getattr(cfg, "layer_types", None) or []))
+
+
+@torch.no_grad()
+def compute_frozen_prefix(model, examples: list[TokenizedExample], low: int, last: int, pad_id: int, max_bytes: int,
+                          chunk: int = 16, desc: str = "caching frozen prefixes") -> list[FrozenPrefix] | None:
+    """One no-grad pass over every example; None when the cache would exceed `max_bytes`."""
+    from transformers import DynamicCache
+
+    from ..predict import cache_kwarg
+
+    if not examples or not frozen_prefix_supported(model):
+        return None
+    p = next(model.parameters())
+    n_layers = len(decoder_layers(model))
+    kvh, hd = _kv_shape(model)
+    d = text_config(model).hidden_size
+    need = sum(frozen_prefix_len(e, last) * (n_layers - low) * 2 * kvh * hd + (len(e.ids) - frozen_prefix_len(e, last)) * d
+               for e in examples) * p.element_size()
+    if need > max_bytes:
+        log.info("frozen-prefix cache would take %.1f MB > bound %.1f MB: not used", need / 2**20, max_bytes / 2**20)
+        return None
+    kw = cache_kwarg(model.get_decoder())
+    out: list[FrozenPrefix | None] = [None] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    for s in progress(range(0, len(order), chunk), desc=desc, leave=False):
+        idx = order[s: s + chunk]
+        b = make_batch([examples[i].ids for i in idx], [examples[i].prompt_len for i in idx], [0] * len(idx), pad_id, 1, 0).to(p.device)
+        captured = {}
+
+        def pre(module, args, kwargs):
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+
+        handle = decoder_layers(model)[low].register_forward_pre_hook(pre, with_kwargs=True)
+        cache = DynamicCache(config=model.config)
+        try:
+            model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                                use_cache=True, **{kw: cache})
+        finally:
+            handle.remove()
+        for j, i in enumerate(idx):
+            off, P = b.offsets[j], frozen_prefix_len(examples[i], last)
+            out[i] = FrozenPrefix(P, [cache.layers[l].keys[j, :, off: off + P].clone() for l in range(low, n_layers)],
+                                  [cache.layers[l].values[j, :, off: off + P].clone() for l in range(low, n_layers)],
+                                  captured["h"][j, off + P:].clone())
+    return out  # type: ignore[return-value]
+
+
+def _forward_frozen_prefix(model, shifter: Shifter, rows: list[TokenizedExample], pres: list[FrozenPrefix], low: int,
+                           last: int, use_personal: bool):
+    """Run only each row's suffix (shifted positions + target) through the layers from `low` on, attending to its
+    cached prefix keys/values (left-padded to a common length). Returns hidden [B, S, d] and each row's start."""
+    from transformers import DynamicCache
+
+    from ..predict import cache_kwarg
+
+    device = next(model.parameters()).device
+    B, n_layers = len(rows), len(decoder_layers(model))
+    kvh, hd = _kv_shape(model)
+    Pm = max(p.P for p in pres)
+    S = max(len(r.ids) - p.P for r, p in zip(rows, pres))
+    dt = pres[0].suffix_states.dtype
+    cache = DynamicCache(config=model.config)
+    zero = torch.zeros(B, kvh, Pm, hd, dtype=dt, device=device)
+    for l in range(n_layers):
+        if l < low:  # bypassed layers: placeholders so the cache reports the prefix length
+            cache.update(zero, zero, l)
+            continue
+        k, v = torch.zeros_like(zero), torch.zeros_like(zero)
+        for b, p in enumerate(pres):
+            k[b, :, Pm - p.P:] = p.keys[l - low].to(device)
+            v[b, :, Pm - p.P:] = p.values[l - low].to(device)
+        cache.update(k, v, l)
+    mask = torch.zeros(B, Pm + S, dtype=torch.long)
+    pos = torch.zeros(B, S, dtype=torch.long)
+    h = torch.zeros(B, S, pres[0].suffix_states.shape[-1], dtype=dt, device=device)
+    sidx = torch.zeros(B, max(last, 1), dtype=torch.long)
+    svalid = torch.zeros(B, max(last, 1), dtype=torch.bool)
+    for b, (r, p) in enumerate(zip(rows, pres)):
+        n = len(r.ids) - p.P
+        mask[b, Pm - p.P: Pm + n] = 1  # prefix left-padded, suffix right-padded (causal: real tokens never see it)
+        pos[b] = p.P + torch.arange(S)
+        h[b, :n] = p.suffix_states.to(device)
+        nl = min(last, r.prompt_len // 2)
+        if nl:
+            sidx[b, :nl] = torch.arange(r.prompt_len - nl, r.prompt_len) - p.P
+            svalid[b, :nl] = True
+    state = ShiftState(sidx.to(device), svalid.to(device),
+                       torch.tensor([r.module for r in rows], device=device) if use_personal else None, S)
+    with shifter.active(state), skip_lower_layers(model, low):
+        hidden = model.get_decoder()(inputs_embeds=h, attention_mask=mask.to(device), position_ids=pos.to(device),
+                                     use_cache=True, **{cache_kwarg(model.get_decoder()): cache}).last_hidden_state
+    return hidden, [r.prompt_len - 1 - p.P for r, p in zip(rows, pres)]
+
+
 def forward_loss(model, shifter: Shifter, rows: list[TokenizedExample], weights: list[float], pad_id: int,
                  first: int, last: int, lower: list[torch.Tensor] | None, low_layer: int,
-                 use_personal: bool = True, share_prefix: bool = True) -> tuple[torch.Tensor, float, int]:
-    """Sum over rows of weight * (sum of the row's target-token losses). Returns (loss, raw token-loss sum, tokens)."""
+                 use_personal: bool = True, share_prefix: bool = True,
+                 frozen: list[FrozenPrefix] | None = None) -> tuple[torch.Tensor, float, int]:
+    """Sum over rows of weight * (sum of the row's target-token losses). Returns (loss, raw token-loss sum, tokens).
+    `frozen`: the rows' cached prefixes (only the suffixes then run, from layer `low_layer` on)."""
     device = next(model.parameters()).device
+    if frozen is not None:
+        hidden, starts = _forward_frozen_prefix(model, shifter, rows, frozen, low_layer, last, use_personal)
+        return target_loss(model, hidden, rows, starts, weights)
     Lp = shared_prefix_len(rows, first, last) if share_prefix else 0
     if Lp:
         hidden, starts = _forward_shared_prefix(model, shifter, rows, Lp, pad_id, first, last, lower, low_layer, use_personal)
-        return _target_loss(model, hidden, rows, starts, weights)
+        return target_loss(model, hidden, rows, starts, weights)
     b = make_batch([r.ids for r in rows], [r.prompt_len for r in rows], [r.module for r in rows], pad_id, first, last).to(device)
     T = b.input_ids.shape[1]
     state = ShiftState(b.shift_index, b.shift_valid, b.users if use_personal else None, T)
@@ -214,10 +334,10 @@ def forward_loss(model, shifter: Shifter, rows: list[TokenizedExample], weights:
             hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                                          use_cache=False).last_hidden_state
     # the position whose output predicts the first target token
-    return _target_loss(model, hidden, rows, [off + r.prompt_len - 1 for r, off in zip(rows, b.offsets)], weights)
+    return target_loss(model, hidden, rows, [off + r.prompt_len - 1 for r, off in zip(rows, b.offsets)], weights)
 
 
-def _target_loss(model, hidden: torch.Tensor, rows: list[TokenizedExample], starts: list[int], weights: list[float]):
+def target_loss(model, hidden: torch.Tensor, rows: list[TokenizedExample], starts: list[int], weights: list[float]):
     device = hidden.device
     rows_i, cols, labels, w = [], [], [], []
     for i, (r, start) in enumerate(zip(rows, starts)):
@@ -272,7 +392,8 @@ def _chunks(examples: list[TokenizedExample], rows: list[int], max_rows: int, by
 
 def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, epochs: int, batch_size: int, lr: float,
                  train_collective: bool, pad_id: int, first: int, last: int, seed: int = 0, max_rows: int = 32,
-                 cache_max_bytes: int = 2 * 1024**3, share_prefix: bool = True, desc: str = "training") -> TrainStats:
+                 cache_max_bytes: int = 2 * 1024**3, share_prefix: bool = True, frozen_prefix: bool = True,
+                 desc: str = "training") -> TrainStats:
     """Train the personal modules (and the collective one if `train_collective`) on `examples`, each
     example updating the personal module `example.module`."""
     stats = TrainStats()
@@ -286,8 +407,12 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
         p.requires_grad_(True)
     opt = MaskedAdamW(params, lr)
     low = min(shifter.layers)
-    lower = compute_lower_cache(model, examples, low, pad_id, cache_max_bytes)
-    stats.cached_lower_layers = lower is not None
+    # with no `f` group, everything before the last shifted positions is frozen: cache its keys/values (when they fit)
+    frozen = compute_frozen_prefix(model, examples, low, last, pad_id, cache_max_bytes) if frozen_prefix and first == 0 else None
+    lower = None if frozen is not None else compute_lower_cache(model, examples, low, pad_id, cache_max_bytes)
+    share_prefix = share_prefix and frozen is None
+    stats.cached_lower_layers = lower is not None or frozen is not None
+    stats.cached_frozen_prefix = frozen is not None
     schedule = _schedule(examples, epochs, batch_size, seed)
     K = shifter.num_users
     bar = progress(schedule, desc=desc)
@@ -306,7 +431,8 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
             chunk = [examples[i] for i in part]
             w = [1.0 / tokens_of[ex.module] for ex in chunk]
             loss, raw, n = forward_loss(model, shifter, chunk, w, pad_id, first, last,
-                                        None if lower is None else [lower[i] for i in part], low, share_prefix=share_prefix)
+                                        None if lower is None else [lower[i] for i in part], low, share_prefix=share_prefix,
+                                        frozen=None if frozen is None else [frozen[i] for i in part])
             loss.backward()
             total, ntok = total + raw, ntok + n
         active = torch.zeros(K, dtype=torch.bool)
