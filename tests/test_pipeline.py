@@ -7,26 +7,16 @@ import torch
 from perfit import pipeline
 from perfit.cli import main
 from perfit.config import RunConfig
-from perfit.data.synthetic import generate
 from perfit.predict import greedy_generate
 from perfit.shifts import Shifter
 from perfit.store import UserStore, user_file
 from perfit.train.batching import tokenize_prompt
 
+from conftest import TINY_RUN
+
 
 def _cfg(tiny_model_dir, data_dir, out, **kw):
-    base = dict(task_name="movie_tagging", data_dir=data_dir, output_dir=out, model_path=tiny_model_dir, model_name="tiny",
-                intervene_layer="1;2", low_rank_dimension=4, user_low_rank_dimension=2, max_epoch=1, batch_size=4,
-                max_length=512, user_group_size=2, lr=1e-2, user_lr=1e-2)
-    return RunConfig(**(base | kw))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("data"))
-    for t in ("movie_tagging", "news_headline"):
-        generate(t, d, num_users=3, history_per_user=4, queries_per_user=2, num_other_users=2, seed=0)
-    return d
+    return RunConfig(**(TINY_RUN | dict(data_dir=data_dir, output_dir=out, model_path=tiny_model_dir) | kw))
 
 
 @pytest.fixture(scope="module")

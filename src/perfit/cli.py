@@ -5,9 +5,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
-from .config import RunConfig
+from .config import CompareConfig, RunConfig
 from .tasks import TASKS
 
 RUN_COMMANDS = {
@@ -18,8 +19,8 @@ RUN_COMMANDS = {
 }
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(RunConfig):
+def _add_config_flags(p: argparse.ArgumentParser, cls=RunConfig) -> None:
+    for f in dataclasses.fields(cls):
         typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         kw = {"choices": list(TASKS)} if f.name == "task_name" else {}
         p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"{f.metadata['help']} (default: {f.default!r})", **kw)
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     for name, help in RUN_COMMANDS.items():
         _add_config_flags(sub.add_parser(name, help=help, description=help))
+        help = "run PerFit and its peers (OPPU, task LoRA, RAG, ...) on the same users; writes comparison.{json,md,png}"
+    _add_config_flags(sub.add_parser("compare", help=help, description=help), CompareConfig)
     p = sub.add_parser("make-data", help="generate LaMP-format data with known per-user preferences")
     p.add_argument("--task_name", required=True, choices=list(TASKS))
     p.add_argument("--output_dir", required=True)
@@ -57,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _config(args) -> RunConfig:
-    return RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)})
+def _config(args, cls=RunConfig):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             print(pipeline.stage2_only(_config(args)))
         elif args.command == "predict":
             print(pipeline.summary_table(pipeline.predict_only(_config(args))))
+        elif args.command == "compare":
+            from .compare import compare
+
+            doc = compare(_config(args, CompareConfig))
+            print(open(os.path.join(doc["config"]["output_dir"], "comparison.md"), encoding="utf-8").read())
         elif args.command == "make-data":
             from .data.synthetic import generate
 

@@ -93,6 +93,50 @@ class RunConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+METHODS = ("user_majority", "zero_shot", "rag", "task_lora", "oppu", "stage1", "perfit", "perfit_stage2_only")
+
+
+@dataclass
+class CompareConfig(RunConfig):
+    methods: str = _f(",".join(METHODS), "Comma-separated methods to run, from: " + ", ".join(METHODS) + ".")
+    output_dir: str = _f("compare", "Folder of comparison.{json,md,png}, methods/*.json and every method's checkpoints.")
+    rag_k: int = _f(2, "rag: history items retrieved into each prompt.")
+    rag_item_words: int = _f(64, "rag: words kept of each text field of a retrieved item.")
+    lora_rank: int = _f(8, "task_lora / oppu: LoRA rank (OPPU: 8).")
+    lora_alpha: int = _f(16, "task_lora / oppu: LoRA alpha.")
+    lora_targets: str = _f("q_proj,v_proj", "task_lora / oppu: modules that get LoRA (OPPU: q and v projections).")
+    lora_lr: float = _f(1e-3, "task_lora: AdamW learning rate (same epochs as stage 1).")
+    oppu_lr: float = _f(1e-3, "oppu: per-user AdamW learning rate (same epochs as stage 2).")
+    isolate: int = _f(1, "1: each method in its own process (own peak memory); 0: all in this process.")
+
+    def method_list(self) -> list[str]:
+        ms = [m.strip() for m in self.methods.split(",") if m.strip()]
+        bad = [m for m in ms if m not in METHODS]
+        if bad or not ms:
+            raise ValueError(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
+        return ms
+
+    def key(self, method: str) -> str:
+        """Everything `method`'s result depends on: the shared settings plus its own (so changing, say, oppu_lr reruns
+        only oppu). The method list, isolation and output folder do not count."""
+        own = set().union(*METHOD_FIELDS.values())
+        d = {k: v for k, v in to_dict(self).items() if (k not in own or k in METHOD_FIELDS[method])
+             and k not in ("methods", "isolate", "output_dir")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SHIFT = ("low_rank_dimension", "user_low_rank_dimension", "intervene_layer", "positions", "stage1_epochs", "lr",
+          "max_stage1_examples", "cache_max_bytes", "user_group_size", "run_dir_name")
+_LORA = ("lora_rank", "lora_alpha", "lora_targets", "lora_lr", "stage1_epochs", "max_stage1_examples")
+METHOD_FIELDS = {
+    "user_majority": (), "zero_shot": (), "rag": ("rag_k", "rag_item_words"),
+    "task_lora": _LORA, "oppu": _LORA + ("oppu_lr", "max_epoch"),
+    "stage1": _SHIFT, "perfit": _SHIFT + ("user_lr", "max_epoch"),
+    "perfit_stage2_only": ("intervene_layer", "positions", "low_rank_dimension", "user_low_rank_dimension", "user_lr",
+                           "max_epoch", "cache_max_bytes", "user_group_size", "run_dir_name"),
+}
+
+
 def parse_layers(spec: str) -> list[int]:
     try:
         layers = [int(x) for x in str(spec).replace(",", ";").split(";") if x.strip()]

@@ -171,32 +171,60 @@ def user_history(ctx: Context, user) -> list[Example]:
     return [ctx.builder.history_example(it, user.user_id) for it in items]
 
 
-def run_stage2(ctx: Context, stage1: Shifter) -> UserStore:
-    """Personal shifts for every test user, trained user_group_size users at a time in one batched loop.
-    Each group is stored when done; users already in the store (same settings) are not retrained."""
+def train_personal(ctx: Context, store: UserStore, make_shifter, label: str = "stage 2") -> UserStore:
+    """Personal shifts for every test user not yet in `store`, trained user_group_size users at a time in one
+    batched loop; `make_shifter(n)` gives n initial personal modules. Each group is stored as soon as it is done."""
     c = ctx.cfg
-    store = _store(ctx)
     todo = [u for u in ctx.data.test_users if u.user_id not in store]
     if len(todo) < len(ctx.data.test_users):
-        log.info("stage 2: %d users already in the store, %d to train", len(ctx.data.test_users) - len(todo), len(todo))
-    stage1.detach()
+        log.info("%s: %d users already in the store, %d to train", label, len(ctx.data.test_users) - len(todo), len(todo))
     first, last = ctx.first_last
     for g in range(0, len(todo), c.user_group_size):
         group = todo[g: g + c.user_group_size]
         module_of = {u.user_id: k for k, u in enumerate(group)}
-        sh = _init_from_stage1(ctx, stage1, len(group)).attach(ctx.model)
+        sh = make_shifter(len(group)).attach(ctx.model)
         ex = tokenize_examples(ctx.tok, [e for u in group for e in user_history(ctx, u)], c.max_length, module_of)
         stats = train_shifts(ctx.model, sh, ex, epochs=c.max_epoch, batch_size=c.batch_size, lr=c.user_lr,
                              train_collective=False, pad_id=ctx.tok.pad_token_id, first=first, last=last, seed=c.seed,
                              cache_max_bytes=c.cache_max_bytes,
-                             desc=f"stage 2 users {g + 1}-{g + len(group)}/{len(todo)}")
+                             desc=f"{label} users {g + 1}-{g + len(group)}/{len(todo)}")
         sh.detach()
         n_of = {u.user_id: sum(1 for e in ex if e.module == module_of[u.user_id]) for u in group}
         store.put_many(sh, module_of, {u: {"examples": n, "train_seconds": round(stats.seconds / len(group), 3)}
                                        for u, n in n_of.items()})
-        log.info("stage 2: stored %d users (loss by epoch %s, %.1fs)", len(group), stats.epoch_losses, stats.seconds)
-    stage1.attach(ctx.model)
+        log.info("%s: stored %d users (loss by epoch %s, %.1fs)", label, len(group), stats.epoch_losses, stats.seconds)
     return store
+
+
+def run_stage2(ctx: Context, stage1: Shifter) -> UserStore:
+    """Stage 2: each test user's shift starts from P0 on top of the frozen collective shift."""
+    stage1.detach()
+    try:
+        return train_personal(ctx, _store(ctx), lambda n: _init_from_stage1(ctx, stage1, n))
+    finally:
+        stage1.attach(ctx.model)
+
+
+def predict_personal(ctx: Context, store: UserStore, make_shifter, prompts: list[list[int]], owners: list[str],
+                     desc: str = "perfit") -> list[str]:
+    """Generate every prompt with its owner's stored shift, user_group_size users per batched pass."""
+    c, first_last = ctx.cfg, ctx.first_last
+    preds = [""] * len(prompts)
+    users = list(dict.fromkeys(owners))
+    for g in range(0, len(users), c.user_group_size):
+        group = users[g: g + c.user_group_size]
+        module_of = {u: k for k, u in enumerate(group)}
+        sh = make_shifter(len(group))
+        store.load_into(sh, module_of)
+        sh.attach(ctx.model)
+        rows = [i for i, o in enumerate(owners) if o in module_of]
+        got = greedy_generate(ctx.model, ctx.tok, [prompts[i] for i in rows], [module_of[owners[i]] for i in rows], sh,
+                              max_new_tokens=ctx.data.task.max_new_tokens, batch_size=c.eval_batch_size,
+                              first=first_last[0], last=first_last[1], desc=desc)
+        sh.detach()
+        for i, p in zip(rows, got):
+            preds[i] = p
+    return preds
 
 
 def _query_prompts(ctx: Context) -> tuple[list[str], list[list[int]], list[str]]:
@@ -227,21 +255,8 @@ def predict_variants(ctx: Context, stage1: Shifter, store: UserStore | None, var
         elif v == "stage1":
             preds = greedy_generate(ctx.model, ctx.tok, prompts, [0] * len(prompts), stage1, desc="stage 1", **gen)
         else:
-            preds = [""] * len(prompts)
-            users = list(dict.fromkeys(owners))
             stage1.detach()
-            for g in range(0, len(users), c.user_group_size):
-                group = users[g: g + c.user_group_size]
-                module_of = {u: k for k, u in enumerate(group)}
-                sh = _init_from_stage1(ctx, stage1, len(group))
-                store.load_into(sh, module_of)
-                sh.attach(ctx.model)
-                rows = [i for i, o in enumerate(owners) if o in module_of]
-                got = greedy_generate(ctx.model, ctx.tok, [prompts[i] for i in rows], [module_of[owners[i]] for i in rows], sh,
-                                      desc="perfit", **gen)
-                sh.detach()
-                for i, p in zip(rows, got):
-                    preds[i] = p
+            preds = predict_personal(ctx, store, lambda n: _init_from_stage1(ctx, stage1, n), prompts, owners)
             stage1.attach(ctx.model)
         ctx.timings[f"{v}_predict_seconds"] = time.perf_counter() - t0
         out[v] = dict(zip(qids, preds))

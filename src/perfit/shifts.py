@@ -108,7 +108,8 @@ class Shifter(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.layers = list(layers)
-        self.collective = nn.ModuleDict({str(l): LowRankShift(1, hidden, rank, g) for l in self.layers})
+        # rank 0: no collective shift at all (a personal-only shifter, e.g. the stage-2-only ablation)
+        self.collective = nn.ModuleDict({str(l): LowRankShift(1, hidden, rank, g) for l in self.layers} if rank > 0 else {})
         self.personal = nn.ModuleDict({str(l): LowRankShift(num_users, hidden, user_rank, g) for l in self.layers})
         self.state: ShiftState | None = None
         self._handles: list = []
@@ -142,7 +143,7 @@ class Shifter(nn.Module):
             gather = st.index.unsqueeze(-1).expand(-1, -1, d)
             hs = h.gather(1, gather).float()
             delta = torch.zeros_like(hs)
-            if st.use_collective:
+            if st.use_collective and str(layer) in self.collective:
                 delta = delta + self.collective[str(layer)].delta(hs)
             if st.users is not None:
                 delta = delta + self.personal[str(layer)].delta(hs, st.users)

@@ -74,10 +74,18 @@ class UserStore:
         """Store the personal modules `users` = {user_id: module index of `shifter`}."""
         for uid, k in users.items():
             tensors = {f"layer.{l}.{name}": t for l in shifter.layers for name, t in shifter.personal[str(l)].slice_state(k).items()}
-            fn = user_file(uid)
-            save_safetensors_atomic(os.path.join(self.root, fn), tensors, {"user_id": uid})
-            self.index[uid] = {"file": fn, **((info or {}).get(uid, {}))}
+            self._write(uid, tensors, (info or {}).get(uid, {}))
         write_json_atomic(os.path.join(self.root, INDEX), self.index)
+
+    def put_tensors(self, user_id: str, tensors: dict[str, torch.Tensor], info: dict | None = None) -> None:
+        """Store any per-user tensors (e.g. one LoRA adapter per user)."""
+        self._write(user_id, tensors, info or {})
+        write_json_atomic(os.path.join(self.root, INDEX), self.index)
+
+    def _write(self, uid: str, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        fn = user_file(uid)
+        save_safetensors_atomic(os.path.join(self.root, fn), tensors, {"user_id": uid})
+        self.index[uid] = {"file": fn, **info}
 
     def get(self, user_id: str) -> dict[str, torch.Tensor]:
         if user_id not in self:

@@ -1,0 +1,133 @@
+import dataclasses
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from perfit import compare as cmp
+from perfit.baselines import lora, retrieval
+from perfit.cli import main
+from perfit.config import METHODS, CompareConfig
+from perfit.tasks import get_task
+
+from conftest import TINY_RUN
+
+
+def _cfg(tiny_model_dir, data_dir, out, **kw):
+    extra = dict(lora_lr=1e-2, oppu_lr=1e-2, isolate=0)
+    return CompareConfig(**(TINY_RUN | extra | dict(data_dir=data_dir, output_dir=out, model_path=tiny_model_dir) | kw))
+
+
+@pytest.fixture(scope="module")
+def done(tiny_model_dir, data, tmp_path_factory):
+    cfg = _cfg(tiny_model_dir, data, str(tmp_path_factory.mktemp("cmp")))
+    return cfg, cmp.compare(cfg)
+
+
+def test_every_method_runs_and_is_reported(done):
+    cfg, doc = done
+    assert list(doc["methods"]) == list(METHODS)
+    for m, r in doc["methods"].items():
+        assert 0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["queries"] == 6 and r["users"] == 3, m
+        assert r["peak_memory_mib"] > 0
+    out = cfg.output_dir
+    md = open(os.path.join(out, "comparison.md")).read()
+    assert all(f"| {m} |" in md for m in METHODS)
+    assert os.path.getsize(os.path.join(out, "comparison.png")) > 10_000
+    on_disk = json.load(open(os.path.join(out, "comparison.json")))
+    assert on_disk["methods"]["perfit"]["params_per_user"] == doc["methods"]["perfit"]["params_per_user"]
+    # per-method files keep the predictions, one per query
+    assert len(json.load(open(os.path.join(out, "methods", "oppu.json")))["predictions"]) == 6
+
+
+def test_parameter_counts_match_hand_computed(done):
+    _, doc = done
+    m = doc["methods"]
+    d, layers = 64, 2  # tiny Llama: hidden 64, 4 heads, 2 KV heads of 16 -> v_proj out 32; 4 decoder layers
+    shift = lambda r: 2 * d * r + r  # noqa: E731  R and W (r x d each) and b (r)
+    assert m["perfit"]["params_per_user"] == layers * shift(2)
+    assert m["perfit"]["params_shared"] == layers * (shift(4) + shift(2))  # collective + P0
+    assert m["stage1"]["params_per_user"] == 0 and m["stage1"]["params_shared"] == layers * (shift(4) + shift(2))
+    assert m["perfit_stage2_only"]["params_per_user"] == layers * shift(6) and m["perfit_stage2_only"]["params_shared"] == 0
+    lora_per_layer = 8 * (64 + 64) + 8 * (64 + 32)  # q: A 8x64, B 64x8; v: A 8x64, B 32x8
+    assert m["oppu"]["params_per_user"] == 4 * lora_per_layer and m["oppu"]["params_shared"] == 4 * lora_per_layer
+    assert m["task_lora"]["params_per_user"] == 0 and m["task_lora"]["params_shared"] == 4 * lora_per_layer
+    for k in ("user_majority", "zero_shot", "rag"):
+        assert m[k]["params_per_user"] == m[k]["params_shared"] == 0 and m[k]["bytes_per_user"] == 0
+    # bytes on disk: fp32 tensors plus a safetensors header
+    assert 4 * layers * shift(2) < m["perfit"]["bytes_per_user"] < 4 * layers * shift(2) + 4096
+    assert 4 * 4 * lora_per_layer < m["oppu"]["bytes_per_user"] < 4 * 4 * lora_per_layer + 4096
+    assert m["oppu"]["train_seconds_per_user"] > 0 and m["perfit"]["train_seconds_per_user"] > 0
+
+
+def test_oppu_users_are_isolated(done):
+    """User 2's stored adapter is exactly what training user 2 alone from the initial adapter gives: nothing of user 1
+    (trained just before it) leaks in."""
+    from perfit import pipeline
+    from perfit.store import UserStore
+    from perfit.train import tokenize_examples
+    from safetensors.torch import load_file
+
+    cfg, _ = done
+    ctx = pipeline.prepare(cfg)
+    pm = lora.add_lora(ctx.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
+    lora.load_adapter(pm, load_file(os.path.join(ctx.run_dir, "task_lora", "adapter.safetensors")))
+    base = pm.merge_and_unload()
+    upm = lora.add_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed + 1)
+    user = ctx.data.test_users[1]
+    ex = tokenize_examples(ctx.tok, pipeline.user_history(ctx, user), cfg.max_length)
+    lora.train_lm(base, ex, epochs=cfg.max_epoch, batch_size=cfg.batch_size, lr=cfg.oppu_lr, pad_id=ctx.tok.pad_token_id,
+                  seed=cfg.seed, key=user.user_id)
+    mine = lora.adapter_state(upm)
+    stored = UserStore(os.path.join(ctx.run_dir, "oppu_users")).get(user.user_id)
+    assert mine.keys() == stored.keys()
+    for k in mine:
+        torch.testing.assert_close(mine[k], stored[k], rtol=1e-5, atol=1e-6)
+    other = UserStore(os.path.join(ctx.run_dir, "oppu_users")).get(ctx.data.test_users[0].user_id)
+    assert any(not torch.equal(other[k], stored[k]) for k in stored)
+
+
+def test_rerun_reuses_finished_methods(done, caplog):
+    cfg, doc = done
+    with caplog.at_level(logging.INFO, logger="perfit"):
+        again = cmp.compare(cfg)
+    assert caplog.text.count("already done") == len(METHODS)
+    assert again["methods"]["oppu"]["metrics"] == doc["methods"]["oppu"]["metrics"]
+    # a method's own setting reruns that method only
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="perfit"):
+        cmp.compare(dataclasses.replace(cfg, rag_k=1))
+    assert caplog.text.count("already done") == len(METHODS) - 1 and "compare: running rag" in caplog.text
+
+
+def test_cli_compare_isolated_headlines(tiny_model_dir, data, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    args = ["compare", "--task_name", "news_headline", "--data_dir", data, "--output_dir", out, "--model_path", tiny_model_dir,
+            "--model_name", "tiny", "--intervene_layer", "1;2", "--methods", "user_majority,zero_shot", "--max_length", "512"]
+    assert main(args) == 0
+    md = capsys.readouterr().out
+    assert "| user_majority |" in md and "rouge-1" in md
+    rec = json.load(open(os.path.join(out, "methods", "zero_shot.json")))
+    assert rec["metrics"]["rouge-1"] >= 0 and rec["generate_seconds_per_query"] > 0
+    assert main(args[:-4] + ["--methods", "user_majority,nonsense"]) == 2
+
+
+def test_user_majority_and_bm25():
+    t = get_task("movie_tagging")
+    items = [{"id": "1", "description": "a", "tag": "comedy"}, {"id": "2", "description": "b", "tag": "action"},
+             {"id": "3", "description": "c", "tag": "action"}, {"id": "4", "description": "d", "tag": "comedy"}]
+    assert retrieval.majority_answer(t, items, "q") == "comedy"  # tie: the label seen most recently
+    assert retrieval.majority_answer(t, items[:3], "q") == "action"
+    h = get_task("news_headline")
+    hist = [{"id": "1", "text": "The senate passed the budget bill late on Friday", "title": "Budget passes"},
+            {"id": "2", "text": "A recipe for sourdough bread with a crisp crust", "title": "Bake better bread"},
+            {"id": "3", "text": "Marathon runners braved the heat in Boston", "title": "Hot marathon"}]
+    q = "Generate a headline for the following article: how to keep your sourdough starter alive headline:"
+    assert retrieval.majority_answer(h, hist, q) == "Bake better bread"
+    idx = retrieval.UserIndex(h, hist)
+    assert [it["id"] for it in idx.top("senate budget vote", 2)][0] == "1"
+    p = retrieval.rag_prompt(h, "QUERY", idx.top("bread and marathon heat", 2), item_words=3)
+    assert p.endswith(". QUERY") and p.count('" is the title for "') == 2 and ", and " in p
+    assert '"A recipe for"' in p or '"Marathon runners braved"' in p  # fields cut to 3 words
