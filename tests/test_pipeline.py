@@ -173,3 +173,26 @@ def test_decoder_skips_leading_newlines_and_stops_at_the_next(tok):
     assert greedy_generate(_Scripted([nl, nl, a, b, nl, a], len(tok)), tok, [[5, 6]], max_new_tokens=10) == ["ab"]
     assert greedy_generate(_Scripted([a, eos, b], len(tok)), tok, [[5, 6]], max_new_tokens=10) == ["a"]
     assert greedy_generate(_Scripted([a, nl, b], len(tok)), tok, [[5, 6]], max_new_tokens=3, stop_early=False) == ["a"]
+
+
+@pytest.mark.parametrize("first,last,users", [(3, 2, True), (0, 3, True), (3, 2, False), (0, 0, False)])
+def test_shared_prefix_generation_equals_full_prefill(tok, llama, first, last, users):
+    """A batch's shared instruction runs once (once per user when a shift acts inside it): the prefill logits and
+    the generations equal those of full left-padded prefills, for mixed users, collective only, and no shift."""
+    from perfit.predict import _prefill, shared_prompt_prefix
+
+    sh = Shifter(64, [1, 2], 4, 2, num_users=3, seed=5).attach(llama)
+    head = "Which tag fits this movie among the tags? description: "
+    prompts = [tokenize_prompt(tok, head + d, 200) for d in ("a quiet drama", "space war", "x", "robots in love again", "ok")]
+    owners = [0, 1, 2, 1, 0] if users else None
+    shifter = sh if (first or last) else None
+    assert 8 <= shared_prompt_prefix(prompts, first, last) <= len(tokenize_prompt(tok, head, 200))
+    keep = {"logits_to_keep": 1}
+    a, _, pa = _prefill(llama, prompts, owners, shifter, True, first, last, tok.pad_token_id, True, keep)
+    b, _, pb = _prefill(llama, prompts, owners, shifter, True, first, last, tok.pad_token_id, False, keep)
+    torch.testing.assert_close(a.logits[:, -1], b.logits[:, -1], rtol=1e-4, atol=1e-5)
+    assert torch.equal(pa, pb)
+    kw = dict(first=first, last=last, max_new_tokens=5, stop_early=False)
+    shared = greedy_generate(llama, tok, prompts, owners, shifter, **kw)
+    assert shared == greedy_generate(llama, tok, prompts, owners, shifter, share_prefix=False, **kw)
+    sh.detach()

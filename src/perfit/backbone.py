@@ -146,6 +146,14 @@ def text_config(model):
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
+def has_sliding_window(model) -> bool:
+    """Sliding-window attention would need the window re-applied over a spliced KV cache: callers that splice
+    cached prefixes fall back to full passes on such models."""
+    cfg = text_config(model)
+    return getattr(cfg, "sliding_window", None) is not None or any(
+        "sliding" in str(t) for t in (getattr(cfg, "layer_types", None) or []))
+
+
 def check_layers(model, layers: list[int]) -> None:
     n = len(decoder_layers(model))
     bad = [l for l in layers if not 0 <= l < n]

@@ -4,6 +4,7 @@ Rows are left-padded; shifts act on the prompt positions in the prefill pass onl
 tokens. Decoding stops at EOS or at the first newline of every row."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 from functools import lru_cache
 
@@ -11,7 +12,8 @@ import torch
 from .progress import progress
 
 from .prompts import clean_prediction
-from .shifts import Shifter, ShiftState
+from .backbone import has_sliding_window
+from .shifts import Shifter, ShiftState, position_index
 from .train.batching import make_batch
 
 
@@ -31,14 +33,84 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def shared_prompt_prefix(prompts: list[list[int]], first: int, last: int, min_len: int = 8) -> int:
+    """Length of the token prefix shared by all prompts that can run once for the whole batch: it holds the same
+    first-group shifted positions in every row and none of the last-group ones (and leaves every row one token of
+    its own). 0 when sharing does not apply."""
+    if len(prompts) < 2:
+        return 0
+    n = min(len(p) for p in prompts)
+    ref = prompts[0]
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == ref[k]:
+            k += 1
+        n = k
+    nfs = {min(first, len(p) // 2) for p in prompts}
+    if len(nfs) > 1:
+        return 0
+    n = min([n] + [len(p) - max(min(last, len(p) // 2), 1) for p in prompts])
+    return n if n >= max(nfs.pop(), min_len) else 0
+
+
+def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: Shifter | None, use_collective: bool,
+             first: int, last: int, pad_id: int, share_prefix: bool, keep: dict):
+    """The prefill pass of one batch. Returns (output, attention mask, position ids of the last column).
+
+    With a shared prefix it runs once per distinct user (once in all when no shift touches it), its keys/values
+    are copied to every row, and the rows' own suffixes follow, left-padded after the prefix: the mask hides
+    the gap and positions continue from the prefix, so each row sees exactly its own prompt."""
+    device = next(model.parameters()).device
+    B = len(prompts)
+    Lp = shared_prompt_prefix(prompts, first, last) if share_prefix else 0
+    Lp = 0 if Lp and has_sliding_window(model) else Lp
+    if not Lp:
+        b = make_batch(prompts, [len(p) for p in prompts], users if users is not None else [0] * B, pad_id, first, last).to(device)
+        state = None if shifter is None else ShiftState(b.shift_index, b.shift_valid, b.users if users is not None else None,
+                                                         b.input_ids.shape[1], use_collective)
+        with (shifter.active(state) if shifter is not None else contextlib.nullcontext()):
+            res = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=True, **keep)
+        return res, b.attention_mask, b.position_ids[:, -1:]
+    nf = min(first, len(prompts[0]) // 2)
+    # the prefix depends on the user only when a personal shift acts inside it
+    per_user = shifter is not None and users is not None and nf > 0
+    groups = sorted(set(users)) if per_user else [0]
+    G = len(groups)
+    row_group = torch.tensor([groups.index(u) for u in users] if per_user else [0] * B, device=device)
+    pstate = None
+    if shifter is not None and nf > 0:
+        pstate = ShiftState(torch.arange(nf, device=device).expand(G, nf), torch.ones(G, nf, dtype=torch.bool, device=device),
+                            torch.tensor(groups, device=device) if per_user else None, Lp, use_collective)
+    with (shifter.active(pstate) if pstate is not None else contextlib.nullcontext()):
+        res = model(input_ids=torch.tensor([prompts[0][:Lp]] * G, device=device), attention_mask=torch.ones(G, Lp, dtype=torch.long, device=device),
+                    position_ids=torch.arange(Lp, device=device).expand(G, Lp), use_cache=True, logits_to_keep=1)
+    cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
+    cache.reorder_cache(row_group)
+    sufs = [p[Lp:] for p in prompts]
+    S = max(len(x) for x in sufs)
+    b = make_batch(sufs, [len(x) for x in sufs], users if users is not None else [0] * B, pad_id, 0, 0)
+    mask = torch.cat([torch.ones(B, Lp, dtype=torch.long), b.attention_mask], 1).to(device)
+    pos = (Lp + b.position_ids).to(device)
+    state = None
+    if shifter is not None and last > 0:
+        # the last group lies wholly in the suffix (shared_prompt_prefix guarantees it)
+        sidx, svalid = position_index([len(p) for p in prompts], [S - len(p) for p in prompts], 0, last)
+        state = ShiftState(sidx.to(device), svalid.to(device), b.users.to(device) if users is not None else None, S, use_collective)
+    with (shifter.active(state) if state is not None else contextlib.nullcontext()):
+        res = model(input_ids=b.input_ids.to(device), attention_mask=mask, position_ids=pos, use_cache=True, **keep,
+                    **{cache_kwarg(model): cache})
+    return res, mask, pos[:, -1:]
+
+
 @torch.no_grad()
 def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | None = None, shifter: Shifter | None = None,
                     use_collective: bool = True, first: int = 0, last: int = 0, max_new_tokens: int = 16,
-                    batch_size: int = 32, desc: str = "generating", stop_early: bool = True) -> list[str]:
+                    batch_size: int = 32, desc: str = "generating", stop_early: bool = True,
+                    share_prefix: bool = True) -> list[str]:
     """Returns the cleaned generation of each prompt (token ids), in input order. `users[i]` is the personal
     module of prompt i (None: no personal shift); `shifter` None: the bare model. `stop_early=False` always
-    generates max_new_tokens tokens (for like-for-like throughput measurements)."""
-    device = next(model.parameters()).device
+    generates max_new_tokens tokens (for like-for-like throughput measurements). `share_prefix`: run the prompt
+    prefix that a batch shares once (once per user where a shift acts inside it)."""
     eos = tok.eos_token_id
     newline = set(_newline_ids(tok)) if stop_early else set()
     blank = _blank_ids(tok)
@@ -49,18 +121,8 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
     out: list[str] = [""] * len(prompts)
     for s in progress(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[s: s + batch_size]
-        b = make_batch([prompts[i] for i in idx], [len(prompts[i]) for i in idx],
-                       [users[i] if users is not None else 0 for i in idx], tok.pad_token_id, max(first, 0), max(last, 0)).to(device)
-        mask, pos = b.attention_mask, b.position_ids
-        state = None
-        if shifter is not None:
-            state = ShiftState(b.shift_index, b.shift_valid, b.users if users is not None else None,
-                               b.input_ids.shape[1], use_collective)
-        if shifter is not None:
-            with shifter.active(state):
-                res = model(input_ids=b.input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
-        else:
-            res = model(input_ids=b.input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+        res, mask, pos = _prefill(model, [prompts[i] for i in idx], None if users is None else [users[i] for i in idx], shifter,
+                                  use_collective, max(first, 0), max(last, 0), tok.pad_token_id, share_prefix and bool(keep), keep)
         cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
         gen = [[] for _ in idx]
         done = torch.zeros(len(idx), dtype=torch.bool)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from ..progress import progress
 
-from ..backbone import decoder_layers, text_config
+from ..backbone import decoder_layers, has_sliding_window, text_config
 from ..shifts import Shifter, ShiftState, lower_states, skip_lower_layers
 from .batching import TokenizedExample, make_batch
 
@@ -206,13 +206,6 @@ def frozen_prefix_len(ex: TokenizedExample, last: int) -> int:
     return min(ex.prompt_len - min(last, ex.prompt_len // 2), ex.prompt_len - 1)
 
 
-def frozen_prefix_supported(model) -> bool:
-    """Sliding-window layers would need the window re-applied over a re-padded cache: not worth it, fall back."""
-    cfg = text_config(model)
-    return getattr(cfg, "sliding_window", None) is None and not any(
-        "sliding" in str(t) for t in (getattr(cfg, "layer_types", None) or []))
-
-
 @torch.no_grad()
 def compute_frozen_prefix(model, examples: list[TokenizedExample], low: int, last: int, pad_id: int, max_bytes: int,
                           chunk: int = 16, desc: str = "caching frozen prefixes") -> list[FrozenPrefix] | None:
@@ -221,7 +214,7 @@ def compute_frozen_prefix(model, examples: list[TokenizedExample], low: int, las
 
     from ..predict import cache_kwarg
 
-    if not examples or not frozen_prefix_supported(model):
+    if not examples or has_sliding_window(model):
         return None
     p = next(model.parameters())
     n_layers = len(decoder_layers(model))
