@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -94,13 +95,13 @@ def _instruction_examples(tok, users=("a", "b", "c"), n=5):
     return tokenize_examples(tok, ex, 256, {u: k for k, u in enumerate(users)})
 
 
-def _train(model, tok, ex, users, cache=True, collective=False, epochs=2, seed=0, share=True, first=2, frozen=True):
+def _train(model, tok, ex, users, cache=True, collective=False, epochs=2, seed=0, share=True, first=2, frozen=True, disk=""):
     sh = Shifter(64, [1, 2], 4, 2, num_users=users, seed=seed)
     sh.set_all_personal(Shifter(64, [1, 2], 4, 2, num_users=1, seed=seed))  # every user starts from the same P0
     sh.attach(model)
     st = train_shifts(model, sh, ex, epochs=epochs, batch_size=2, lr=1e-2, train_collective=collective, pad_id=tok.pad_token_id,
-                      first=first, last=2, seed=seed, cache_max_bytes=(1 << 30) if cache else 0, max_rows=4, share_prefix=share,
-                      frozen_prefix=frozen)
+                      first=first, last=2, seed=seed, cache_max_bytes=(1 << 30) if cache and not disk else 0, max_rows=4,
+                      share_prefix=share, frozen_prefix=frozen, disk_cache_dir=disk, disk_cache_max_bytes=(1 << 30) if disk else 0)
     sh.detach()
     return sh, st
 
@@ -115,6 +116,19 @@ def test_cached_path_equals_uncached(tok, arch, share):
     a, sa = _train(model, tok, ex, 3, cache=True, collective=True, share=share)
     b, sb = _train(model, tok, ex, 3, cache=False, collective=True, share=False)
     assert sa.cached_lower_layers and not sb.cached_lower_layers
+    assert sa.epoch_losses == pytest.approx(sb.epoch_losses, rel=1e-5)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_disk_cache_equals_uncached_and_leaves_nothing(tok, llama, tmp_path):
+    """Over the memory bound the frozen states go to a memory-mapped file (unlinked at once); training is unchanged.
+    Over both bounds they are recomputed."""
+    ex = _instruction_examples(tok)
+    a, sa = _train(llama, tok, ex, 3, disk=str(tmp_path / "c"), share=False)
+    b, sb = _train(llama, tok, ex, 3, cache=False, share=False)
+    assert sa.cached_lower_layers and sa.cached_on_disk and not sb.cached_lower_layers
+    assert os.listdir(tmp_path / "c") == []
     assert sa.epoch_losses == pytest.approx(sb.epoch_losses, rel=1e-5)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)

@@ -9,7 +9,9 @@ layer are computed once and reused across epochs; logits are computed at target 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -73,6 +75,7 @@ class TrainStats:
     epoch_losses: list = field(default_factory=list)  # mean token loss per epoch-sized slice of steps
     seconds: float = 0.0
     cached_lower_layers: bool = False
+    cached_on_disk: bool = False  # the frozen-state cache is memory-mapped on disk
     cached_frozen_prefix: bool = False
 
 
@@ -345,25 +348,53 @@ def target_loss(model, hidden: torch.Tensor, rows: list[TokenizedExample], start
     return loss, float(tok_loss.detach().sum()), len(labels)
 
 
+def _state_buffer(numel: int, dtype: torch.dtype, max_bytes: int, disk_dir: str, disk_max_bytes: int,
+                  what: str) -> torch.Tensor | None:
+    """A flat buffer for cached states: in memory within `max_bytes`, else a memory-mapped file in `disk_dir`
+    within `disk_max_bytes` (unlinked at once: the mapping keeps it alive and nothing is left behind), else None."""
+    need = numel * torch.empty(0, dtype=dtype).element_size()
+    if need <= max_bytes:
+        return torch.empty(numel, dtype=dtype)
+    if disk_dir and need <= disk_max_bytes:
+        os.makedirs(disk_dir, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="perfit-states-", suffix=".bin", dir=disk_dir)
+        try:
+            os.ftruncate(fd, need)
+            buf = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        log.info("%s: %.1f MB > memory bound %.1f MB: memory-mapped on disk in %s", what, need / 2**20, max_bytes / 2**20, disk_dir)
+        return buf
+    log.info("%s would take %.1f MB > bounds (memory %.1f MB, disk %.1f MB): recomputing each epoch", what, need / 2**20,
+             max_bytes / 2**20, disk_max_bytes / 2**20 if disk_dir else 0.0)
+    return None
+
+
 def compute_lower_cache(model, examples: list[TokenizedExample], layer: int, pad_id: int, max_bytes: int,
-                        chunk: int = 16, desc: str = "caching frozen states") -> list[torch.Tensor] | None:
-    """Per-example hidden states entering `layer`, or None when they would exceed `max_bytes`."""
+                        chunk: int = 16, desc: str = "caching frozen states", disk_dir: str = "",
+                        disk_max_bytes: int = 0) -> list[torch.Tensor] | None:
+    """Per-example hidden states entering `layer` (views into one buffer, in memory or memory-mapped on disk),
+    or None when they exceed both bounds."""
     if layer == 0 or not examples:
         return None
     p = next(model.parameters())
-    need = sum(len(e.ids) for e in examples) * text_config(model).hidden_size * p.element_size()
-    if need > max_bytes:
-        log.info("frozen-state cache would take %.1f MB > bound %.1f MB: recomputing each epoch", need / 2**20, max_bytes / 2**20)
+    d = text_config(model).hidden_size
+    starts = [0]
+    for e in examples:
+        starts.append(starts[-1] + len(e.ids) * d)
+    buf = _state_buffer(starts[-1], p.dtype, max_bytes, disk_dir, disk_max_bytes, "frozen-state cache")
+    if buf is None:
         return None
-    cache: list[torch.Tensor | None] = [None] * len(examples)
+    cache = [buf[starts[i]: starts[i + 1]].view(len(e.ids), d) for i, e in enumerate(examples)]
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     for s in progress(range(0, len(order), chunk), desc=desc, leave=False):
         idx = order[s: s + chunk]
         b = make_batch([examples[i].ids for i in idx], [examples[i].prompt_len for i in idx], [0] * len(idx), pad_id, 1, 0).to(p.device)
         h = lower_states(model, b.input_ids, b.attention_mask, b.position_ids, layer)
         for j, i in enumerate(idx):
-            cache[i] = h[j, b.offsets[j]:].clone()
-    return cache  # type: ignore[return-value]
+            cache[i].copy_(h[j, b.offsets[j]:])
+    return cache
 
 
 def _chunks(examples: list[TokenizedExample], rows: list[int], max_rows: int, by_user: bool) -> list[list[int]]:
@@ -386,9 +417,10 @@ def _chunks(examples: list[TokenizedExample], rows: list[int], max_rows: int, by
 def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, epochs: int, batch_size: int, lr: float,
                  train_collective: bool, pad_id: int, first: int, last: int, seed: int = 0, max_rows: int = 32,
                  cache_max_bytes: int = 2 * 1024**3, share_prefix: bool = True, frozen_prefix: bool = True,
-                 desc: str = "training") -> TrainStats:
+                 disk_cache_dir: str = "", disk_cache_max_bytes: int = 0, desc: str = "training") -> TrainStats:
     """Train the personal modules (and the collective one if `train_collective`) on `examples`, each
-    example updating the personal module `example.module`."""
+    example updating the personal module `example.module`. Frozen states are cached in memory within
+    `cache_max_bytes`, else memory-mapped under `disk_cache_dir` within `disk_cache_max_bytes`, else recomputed."""
     stats = TrainStats()
     t0 = time.perf_counter()
     if not examples:
@@ -402,9 +434,11 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
     low = min(shifter.layers)
     # with no `f` group, everything before the last shifted positions is frozen: cache its keys/values (when they fit)
     frozen = compute_frozen_prefix(model, examples, low, last, pad_id, cache_max_bytes) if frozen_prefix and first == 0 else None
-    lower = None if frozen is not None else compute_lower_cache(model, examples, low, pad_id, cache_max_bytes)
+    lower = None if frozen is not None else compute_lower_cache(model, examples, low, pad_id, cache_max_bytes,
+                                                                disk_dir=disk_cache_dir, disk_max_bytes=disk_cache_max_bytes)
     share_prefix = share_prefix and frozen is None
     stats.cached_lower_layers = lower is not None or frozen is not None
+    stats.cached_on_disk = lower is not None and lower[0].untyped_storage().filename is not None
     stats.cached_frozen_prefix = frozen is not None
     schedule = _schedule(examples, epochs, batch_size, seed)
     K = shifter.num_users
