@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import setup  # noqa: E402
+from _common import add_model_args, setup, sync  # noqa: E402
 
 from perfit.predict import greedy_generate  # noqa: E402
 from perfit.shifts import Shifter, parse_positions  # noqa: E402
@@ -32,12 +32,9 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=8)
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--model_path", default="")
-    ap.add_argument("--cuda_device", type=int, default=0)
-    ap.add_argument("--dtype", default="auto")
+    add_model_args(ap)
     args = ap.parse_args()
-    cfg, td, model, tok, info, _ = setup(args.task_name, args.num_users, 4, model_path=args.model_path,
-                                         cuda_device=args.cuda_device, dtype=args.dtype)
+    cfg, td, model, tok, info, _ = setup(args.task_name, args.num_users, 4, args)
     device = next(model.parameters()).device
     first, last = parse_positions(cfg.positions)
     prompts, owners = [], []
@@ -53,12 +50,10 @@ def main():
         fn()  # warm-up
         best = float("inf")
         for _ in range(args.repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             best = min(best, time.perf_counter() - t0)
         return best
 

@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import peak_bytes, run_part, setup  # noqa: E402
+from _common import add_model_args, model_argv, peak_bytes, run_part, setup, sync  # noqa: E402
 
 from perfit.shifts import Shifter, ShiftState, parse_positions  # noqa: E402
 from perfit.train import train_shifts  # noqa: E402
@@ -55,6 +55,7 @@ def reference(model, tok, ex, cfg, users: int, hidden: int) -> float:
                 loss.backward()
                 opt.step()
         sh.detach()
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -67,13 +68,13 @@ def floor(model, tok, ex, cfg) -> float:
         rows = [ex[i] for i in order[s: s + cfg.batch_size]]
         b = make_batch([r.ids for r in rows], [r.prompt_len for r in rows], [0] * len(rows), tok.pad_token_id, 1, 0).to(device)
         model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False)
+    sync(device)
     return time.perf_counter() - t0
 
 
 def part(args) -> dict:
     torch.manual_seed(0)
-    cfg, td, model, tok, info, ex = setup(args.task_name, args.num_users, args.history, model_path=args.model_path,
-                                          cuda_device=args.cuda_device, dtype=args.dtype)
+    cfg, td, model, tok, info, ex = setup(args.task_name, args.num_users, args.history, args)
     device = next(model.parameters()).device
     base = peak_bytes(device)
     if args.part == "a":
@@ -97,17 +98,14 @@ def main():
     ap.add_argument("--num_users", type=int, default=32)
     ap.add_argument("--history", type=int, default=20, help="history items per user")
     ap.add_argument("--ref_users", type=int, default=4, help="users the reference loop is timed on (scaled to all)")
-    ap.add_argument("--model_path", default="")
-    ap.add_argument("--cuda_device", type=int, default=0)
-    ap.add_argument("--dtype", default="auto")
+    add_model_args(ap)
     ap.add_argument("--part", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.part:
         print(json.dumps(part(args)))
         return
     common = ["--task_name", args.task_name, "--num_users", str(args.num_users), "--history", str(args.history),
-              "--ref_users", str(args.ref_users), "--model_path", args.model_path, "--cuda_device", str(args.cuda_device),
-              "--dtype", args.dtype]
+              "--ref_users", str(args.ref_users)] + model_argv(args)
     res = {p: run_part(__file__, common + ["--part", p]) for p in ("floor", "b", "a")}
     a, b, f = res["a"]["seconds"], res["b"]["seconds"], res["floor"]["seconds"]
     print(f"task={args.task_name} users={args.num_users} examples={res['b']['examples']} device={res['b']['device']} dtype={res['b']['dtype']}")

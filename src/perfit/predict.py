@@ -117,7 +117,11 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
     kw = cache_kwarg(model)
     # only the last position's logits are needed
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if share_prefix and users is not None and shifter is not None and first > 0:
+        # the prefix then runs once per user in a batch: keep a user's queries together
+        order = sorted(range(len(prompts)), key=lambda i: (users[i], len(prompts[i])))
+    else:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     for s in progress(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[s: s + batch_size]
