@@ -82,9 +82,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_bytes(device: torch.device) -> int:
+def peak_bytes(device: torch.device, peak: bool = True) -> int:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+        return torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -76,7 +76,10 @@ def part(args) -> dict:
     torch.manual_seed(0)
     cfg, td, model, tok, info, ex = setup(args.task_name, args.num_users, args.history, args)
     device = next(model.parameters()).device
-    base = peak_bytes(device)
+    floor(model, tok, ex[: cfg.batch_size], cfg)  # warm-up (CUDA context, kernels) before any timing
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = peak_bytes(device, peak=False)
     if args.part == "a":
         secs = reference(model, tok, ex, cfg, args.ref_users, info.hidden_size) * args.num_users / args.ref_users
     elif args.part == "b":
@@ -85,7 +88,8 @@ def part(args) -> dict:
         sh.set_all_personal(sh)
         sh.to(device).attach(model)
         secs = train_shifts(model, sh, ex, epochs=cfg.max_epoch, batch_size=cfg.batch_size, lr=cfg.user_lr, train_collective=False,
-                            pad_id=tok.pad_token_id, first=first, last=last, seed=cfg.seed, desc="perfit stage 2").seconds
+                            pad_id=tok.pad_token_id, first=first, last=last, seed=cfg.seed, max_rows=args.rows_per_pass,
+                            desc="perfit stage 2").seconds
     else:
         secs = floor(model, tok, ex, cfg)
     return {"seconds": secs, "peak_bytes": peak_bytes(device), "base_bytes": base, "examples": len(ex),
@@ -98,6 +102,7 @@ def main():
     ap.add_argument("--num_users", type=int, default=32)
     ap.add_argument("--history", type=int, default=20, help="history items per user")
     ap.add_argument("--ref_users", type=int, default=4, help="users the reference loop is timed on (scaled to all)")
+    ap.add_argument("--rows_per_pass", type=int, default=32, help="(b): rows per forward pass (RunConfig.rows_per_pass)")
     add_model_args(ap)
     ap.add_argument("--part", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -105,7 +110,7 @@ def main():
         print(json.dumps(part(args)))
         return
     common = ["--task_name", args.task_name, "--num_users", str(args.num_users), "--history", str(args.history),
-              "--ref_users", str(args.ref_users)] + model_argv(args)
+              "--ref_users", str(args.ref_users), "--rows_per_pass", str(args.rows_per_pass)] + model_argv(args)
     res = {p: run_part(__file__, common + ["--part", p]) for p in ("floor", "b", "a")}
     a, b, f = res["a"]["seconds"], res["b"]["seconds"], res["floor"]["seconds"]
     print(f"task={args.task_name} users={args.num_users} examples={res['b']['examples']} device={res['b']['device']} dtype={res['b']['dtype']}")

@@ -41,6 +41,7 @@ class RunConfig:
     max_history: int = _f(0, "Train each test user on at most their N latest history items (0: all).")
     max_field_words: int = _f(768, "Truncate each text field of a prompt to this many words (OPPU: 768).")
     max_length: int = _f(2048, "Truncate prompt+target to this many tokens, keeping the end of the prompt.")
+    rows_per_pass: int = _f(32, "Training rows per forward pass (a step's per-user batches are packed up to this; larger suits a GPU).")
     user_group_size: int = _f(32, "Stage 2 trains this many users at once in one batched loop; each group is stored when done.")
     cache_max_bytes: int = _f(2 * 1024**3, "Bound on the in-memory cache of frozen states; beyond it they go to a memory-mapped file on disk.")
     disk_cache_max_bytes: int = _f(32 * 1024**3, "Bound on the memory-mapped disk cache of frozen states (0: none); beyond it they are recomputed each epoch.")
@@ -123,19 +124,21 @@ class CompareConfig(RunConfig):
         only oppu). The method list, isolation and output folder do not count."""
         own = set().union(*METHOD_FIELDS.values())
         d = {k: v for k, v in to_dict(self).items() if (k not in own or k in METHOD_FIELDS[method])
-             and k not in ("methods", "isolate", "output_dir")}
+             and k not in ("methods", "isolate", "output_dir") + SPEED_ONLY}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# settings that change how fast results come, not the results (up to float rounding)
+SPEED_ONLY = ("cache_max_bytes", "disk_cache_max_bytes", "disk_cache_dir", "rows_per_pass", "user_group_size", "eval_batch_size")
 _SHIFT = ("low_rank_dimension", "user_low_rank_dimension", "intervene_layer", "positions", "stage1_epochs", "lr",
-          "max_stage1_examples", "cache_max_bytes", "user_group_size", "run_dir_name")
+          "max_stage1_examples", "run_dir_name")
 _LORA = ("lora_rank", "lora_alpha", "lora_targets", "lora_lr", "stage1_epochs", "max_stage1_examples")
 METHOD_FIELDS = {
     "user_majority": (), "zero_shot": (), "rag": ("rag_k", "rag_item_words"),
     "task_lora": _LORA, "oppu": _LORA + ("oppu_lr", "max_epoch"),
     "stage1": _SHIFT, "perfit": _SHIFT + ("user_lr", "max_epoch"),
     "perfit_stage2_only": ("intervene_layer", "positions", "low_rank_dimension", "user_low_rank_dimension", "user_lr",
-                           "max_epoch", "cache_max_bytes", "user_group_size", "run_dir_name"),
+                           "max_epoch", "run_dir_name"),
 }
 
 

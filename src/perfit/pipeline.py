@@ -116,9 +116,9 @@ def load_stage1(ckpt_dir: str, model=None) -> tuple[Shifter, dict]:
     return sh, meta
 
 
-def _cache_bounds(ctx: Context) -> dict:
+def _train_kw(ctx: Context) -> dict:
     c = ctx.cfg
-    return dict(cache_max_bytes=c.cache_max_bytes, disk_cache_max_bytes=c.disk_cache_max_bytes,
+    return dict(max_rows=c.rows_per_pass, cache_max_bytes=c.cache_max_bytes, disk_cache_max_bytes=c.disk_cache_max_bytes,
                 disk_cache_dir=c.disk_cache_dir or os.path.join(ctx.run_dir, "cache"))
 
 
@@ -140,7 +140,7 @@ def run_stage1(ctx: Context) -> Shifter:
         e.module, e.key = 0, "stage1"
     stats = train_shifts(ctx.model, sh, ex, epochs=c.stage1_epochs, batch_size=c.batch_size, lr=c.lr, train_collective=True,
                          pad_id=ctx.tok.pad_token_id, first=first, last=last, seed=c.seed, desc="stage 1",
-                         **_cache_bounds(ctx))
+                         **_train_kw(ctx))
     log.info("stage 1: %d examples, %d steps, loss by epoch %s, %.1fs", len(ex), stats.steps, stats.epoch_losses, stats.seconds)
     ctx.timings["stage1_train_seconds"] = stats.seconds
     meta = {"stage1_key": ctx.stage1_key, "run_config": to_dict(c), "shift": _shift_config(ctx), "model": dataclasses.asdict(ctx.info),
@@ -192,7 +192,7 @@ def train_personal(ctx: Context, store: UserStore, make_shifter, label: str = "s
         ex = tokenize_examples(ctx.tok, [e for u in group for e in user_history(ctx, u)], c.max_length, module_of)
         stats = train_shifts(ctx.model, sh, ex, epochs=c.max_epoch, batch_size=c.batch_size, lr=c.user_lr,
                              train_collective=False, pad_id=ctx.tok.pad_token_id, first=first, last=last, seed=c.seed,
-                             **_cache_bounds(ctx), desc=f"{label} users {g + 1}-{g + len(group)}/{len(todo)}")
+                             **_train_kw(ctx), desc=f"{label} users {g + 1}-{g + len(group)}/{len(todo)}")
         sh.detach()
         n_of = {u.user_id: sum(1 for e in ex if e.module == module_of[u.user_id]) for u in group}
         store.put_many(sh, module_of, {u: {"examples": n, "train_seconds": round(stats.seconds / len(group), 3)}
