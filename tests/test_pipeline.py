@@ -196,3 +196,21 @@ def test_shared_prefix_generation_equals_full_prefill(tok, llama, first, last, u
     shared = greedy_generate(llama, tok, prompts, owners, shifter, **kw)
     assert shared == greedy_generate(llama, tok, prompts, owners, shifter, share_prefix=False, **kw)
     sh.detach()
+
+
+def test_holdout_split_never_uses_test_queries(tiny_model_dir, data, tmp_path):
+    """Tuning mode: the last N history items become the queries (gold = their answer), the rest stays history."""
+    from perfit.data import load_task_data
+
+    ctx = pipeline.prepare(_cfg(tiny_model_dir, data, str(tmp_path), holdout=1), load_model=False)
+    real = load_task_data(data, "movie_tagging")
+    assert [u.user_id for u in ctx.data.test_users] == [u.user_id for u in real.test_users]
+    for u, r in zip(ctx.data.test_users, real.test_users):
+        assert u.profile == r.profile[:-1] and len(u.query) == 1
+        q = u.query[0]
+        assert q.gold == r.profile[-1]["tag"] and ctx.data.golds[q.id] == q.gold
+        assert r.profile[-1]["description"] in q.input and q.input.rstrip().endswith("tag:")
+    assert not set(ctx.data.golds) & set(real.golds)
+    assert ctx.run_dir.endswith("_holdout=1")
+    with pytest.raises(pipeline.DataError, match="holdout 99"):
+        pipeline.prepare(_cfg(tiny_model_dir, data, str(tmp_path), holdout=99), load_model=False)

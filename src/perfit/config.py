@@ -38,6 +38,7 @@ class RunConfig:
     user_lr: float = _f(2e-3, "AdamW learning rate of stage 2.")
     max_users: int = _f(0, "Use only the first N test users (0: all).")
     max_stage1_examples: int = _f(0, "Use at most N stage-1 examples, taken evenly across users (0: all).")
+    holdout: int = _f(0, "Tuning mode: each test user's last N history items become its queries and the rest its history; the real queries are never used. 0: off.")
     max_history: int = _f(0, "Train each test user on at most their N latest history items (0: all).")
     max_field_words: int = _f(768, "Truncate each text field of a prompt to this many words (OPPU: 768).")
     max_length: int = _f(2048, "Truncate prompt+target to this many tokens, keeping the end of the prompt.")
@@ -85,7 +86,8 @@ class RunConfig:
     def default_run_dir(self) -> str:
         il = self.intervene_layer.replace(";", ".")
         return (f"lr={self.low_rank_dimension}_ulr={self.user_low_rank_dimension}_il={il}_pl={self.positions}"
-                f"_ep={self.max_epoch}_bs={self.batch_size}_seed={self.seed}_model={self.model_name}")
+                f"_ep={self.max_epoch}_bs={self.batch_size}_seed={self.seed}_model={self.model_name}"
+                + (f"_holdout={self.holdout}" if self.holdout > 0 else ""))
 
     def stage1_key(self, data_fingerprint: str) -> str:
         """Hash of everything stage 1's result depends on; a checkpoint is reused only on an exact match."""

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from . import metrics
 from .backbone import check_layers, load_backbone
 from .config import RunConfig, from_dict, to_dict
-from .data import DataError, TaskData, data_fingerprint, load_task_data, write_json_atomic
+from .data import DataError, Query, TaskData, User, data_fingerprint, load_task_data, write_json_atomic
 from .data.synthetic import generate
 from .predict import greedy_generate
 from .prompts import Example, PromptBuilder
@@ -71,6 +71,25 @@ def _even_cap(per_user: list[list[Example]], n: int) -> list[Example]:
     return out
 
 
+def holdout_split(td: TaskData, builder: PromptBuilder, n: int) -> TaskData:
+    """Tuning data that never touches the test queries: each test user's last n history items become its queries
+    (prompted like history, gold = the item's answer) and the items before them its history. Users with no more
+    than n items are left out."""
+    users, golds = [], {}
+    for u in td.test_users:
+        if len(u.profile) <= n:
+            continue
+        queries = []
+        for k, it in enumerate(u.profile[-n:]):
+            ex = builder.history_example(it, u.user_id)
+            queries.append(Query(f"holdout:{u.user_id}:{k}:{it.get('id', '')}", ex.prompt, ex.target.strip()))
+            golds[queries[-1].id] = queries[-1].gold
+        users.append(User(u.user_id, u.profile[:-n], queries))
+    if not users:
+        raise DataError([f"{td.data_dir}: --holdout {n} leaves no test user with history to train on"])
+    return dataclasses.replace(td, test_users=users, golds=golds)
+
+
 def prepare(cfg: RunConfig, load_model: bool = True) -> Context:
     cfg = cfg.resolved()
     data_dir = ensure_data(cfg)
@@ -79,6 +98,8 @@ def prepare(cfg: RunConfig, load_model: bool = True) -> Context:
     if cfg.max_users > 0:
         td.test_users = td.test_users[: cfg.max_users]
     builder = PromptBuilder(td.task, cfg.prompts_file or None, cfg.max_field_words)
+    if cfg.holdout > 0:
+        td = holdout_split(td, builder, cfg.holdout)
     # one streaming pass over user_others.json: validated and turned into examples at once
     per_user = [builder.user_examples(u, include_gold_queries=True) for u in td.iter_others()]
     stage1 = _even_cap(per_user, cfg.max_stage1_examples)
