@@ -1,8 +1,10 @@
 """Mixed-user personalized generation against the base model generating the same prompts with no shift.
 
 32 users' queries go through one greedy decoder in mixed batches, each row with its own personal shift (plus the
-collective one); the baseline is the same decoder with no shift at all. Both generate exactly --new_tokens
-tokens per query (no early stop), so throughput is like for like.
+collective one); the baseline is the same decoder with no shift at all. Both run a batch's shared prompt prefix once,
+but where a shift acts inside the prefix (an `f` group) the personalized decoder runs it from the lowest shifted
+layer up once per user in the batch; a third line times the base decoder without prefix sharing, for reference.
+All generate exactly --new_tokens tokens per query (no early stop), so throughput is like for like.
 
     python benchmarks/generate_speed.py [--task_name movie_tagging] [--num_users 32] [--new_tokens 8]
 
@@ -58,11 +60,13 @@ def main():
         return best
 
     base = timed(lambda: greedy_generate(model, tok, prompts, **kw))
+    plain = timed(lambda: greedy_generate(model, tok, prompts, share_prefix=False, **kw))
     sh.attach(model)
     pers = timed(lambda: greedy_generate(model, tok, prompts, owners, sh, first=first, last=last, **kw))
     sh.detach()
     n_tok = len(prompts) * args.new_tokens
     print(f"task={args.task_name} users={args.num_users} queries={len(prompts)} new_tokens={args.new_tokens} device={device} dtype={info.dtype}")
+    print(f"base, no prefix sharing     {plain:8.2f} s  {n_tok / plain:8.1f} tokens/s  {len(prompts) / plain:7.2f} queries/s")
     print(f"base (no shift)             {base:8.2f} s  {n_tok / base:8.1f} tokens/s  {len(prompts) / base:7.2f} queries/s")
     print(f"personalized (mixed users)  {pers:8.2f} s  {n_tok / pers:8.1f} tokens/s  {len(prompts) / pers:7.2f} queries/s")
     print(f"personalized_vs_base={base / pers:.3f}")

@@ -320,6 +320,7 @@ def plot(records: dict, metric: str, path: str, title: str) -> None:
             ax.scatter([x], [y], s=60, color="tab:red" if any(m.startswith("perfit") for m in ms) else "tab:blue")
             ax.annotate(", ".join(ms), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xscale("symlog", linthresh=1.0 if field == "train_seconds_per_user" else 1000.0)
+        ax.margins(x=0.15, y=0.08)  # room for the labels of the outermost points
         ax.set_xlabel(label + " (0 = none)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)

@@ -13,7 +13,7 @@ from .progress import progress
 
 from .prompts import clean_prediction
 from .backbone import has_sliding_window
-from .shifts import Shifter, ShiftState, position_index
+from .shifts import Shifter, ShiftState, lower_states, position_index, skip_lower_layers
 from .train.batching import make_batch
 
 
@@ -53,6 +53,40 @@ def shared_prompt_prefix(prompts: list[list[int]], first: int, last: int, min_le
     return n if n >= max(nfs.pop(), min_len) else 0
 
 
+def _prefix_cache(model, prefix: list[int], groups: list[int] | None, shifter: Shifter | None, nf: int, use_collective: bool):
+    """KV cache of the shared prefix: one row, or one row per user of `groups` when a personal shift acts inside it.
+    The layers below the lowest shifted one are the same for every user: they run once, and only the layers from
+    there on run per user."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    G, Lp = len(groups) if groups else 1, len(prefix)
+    kw = cache_kwarg(model.get_decoder())
+    ids = torch.tensor([prefix], device=device)
+    pos = torch.arange(Lp, device=device).unsqueeze(0)
+    ones = torch.ones(1, Lp, dtype=torch.long, device=device)
+    state = None
+    if shifter is not None and nf > 0:
+        state = ShiftState(torch.arange(nf, device=device).expand(G, nf), torch.ones(G, nf, dtype=torch.bool, device=device),
+                           torch.tensor(groups, device=device) if groups else None, Lp, use_collective)
+    low = min(shifter.layers) if shifter is not None else 0
+    if G == 1 or low == 0:
+        cache = DynamicCache(config=model.config)
+        with (shifter.active(state) if state is not None else contextlib.nullcontext()):
+            model.get_decoder()(input_ids=ids.expand(G, Lp), attention_mask=ones.expand(G, Lp), position_ids=pos.expand(G, Lp),
+                                use_cache=True, **{kw: cache})
+        return cache
+    shared = DynamicCache(config=model.config)
+    h = lower_states(model, ids, ones, pos, low, {kw: shared})
+    cache = DynamicCache(config=model.config)
+    with shifter.active(state), skip_lower_layers(model, low):
+        model.get_decoder()(inputs_embeds=h.expand(G, -1, -1), attention_mask=ones.expand(G, Lp), position_ids=pos.expand(G, Lp),
+                            use_cache=True, **{kw: cache})
+    for l in range(low):  # bypassed above: fill in the shared layers, one copy per user
+        cache.update(shared.layers[l].keys.expand(G, -1, -1, -1), shared.layers[l].values.expand(G, -1, -1, -1), l)
+    return cache
+
+
 def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: Shifter | None, use_collective: bool,
              first: int, last: int, pad_id: int, share_prefix: bool, keep: dict):
     """The prefill pass of one batch. Returns (output, attention mask, position ids of the last column).
@@ -77,14 +111,7 @@ def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: 
     groups = sorted(set(users)) if per_user else [0]
     G = len(groups)
     row_group = torch.tensor([groups.index(u) for u in users] if per_user else [0] * B, device=device)
-    pstate = None
-    if shifter is not None and nf > 0:
-        pstate = ShiftState(torch.arange(nf, device=device).expand(G, nf), torch.ones(G, nf, dtype=torch.bool, device=device),
-                            torch.tensor(groups, device=device) if per_user else None, Lp, use_collective)
-    with (shifter.active(pstate) if pstate is not None else contextlib.nullcontext()):
-        res = model(input_ids=torch.tensor([prompts[0][:Lp]] * G, device=device), attention_mask=torch.ones(G, Lp, dtype=torch.long, device=device),
-                    position_ids=torch.arange(Lp, device=device).expand(G, Lp), use_cache=True, logits_to_keep=1)
-    cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
+    cache = _prefix_cache(model, prompts[0][:Lp], groups if per_user else None, shifter, nf, use_collective)
     cache.reorder_cache(row_group)
     sufs = [p[Lp:] for p in prompts]
     S = max(len(x) for x in sufs)

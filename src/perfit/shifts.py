@@ -206,8 +206,10 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def lower_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, layer: int) -> torch.Tensor:
-    """The hidden states entering decoder layer `layer` (they depend on no trainable parameter)."""
+def lower_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, layer: int,
+                 cache_kw: dict | None = None) -> torch.Tensor:
+    """The hidden states entering decoder layer `layer` (they depend on no trainable parameter). `cache_kw`
+    ({name: KV cache}) also collects the keys/values of the layers below."""
     captured = {}
 
     def pre(module, args, kwargs):
@@ -216,7 +218,8 @@ def lower_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
 
     handle = decoder_layers(model)[layer].register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=cache_kw is not None, **(cache_kw or {}))
     except _Stop:
         pass
     finally:
