@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 common=(--random_model "$model" --tokenizer_path "$tok" --num_users 32)
 for t in news_headline movie_tagging news_categorize; do
-  python3 benchmarks/stage2_speed.py --task_name "$t" "${common[@]}" --history 20 --ref_users 8 2>&1 \
+  python3 benchmarks/stage2_speed.py --task_name "$t" "${common[@]}" --history 20 --ref_users 8 --rows_per_pass 256 2>&1 \
     | grep -v -e '|' -e Warning | tee -a "$out/gpu_stage2.txt"
 done
 for t in movie_tagging news_headline; do
