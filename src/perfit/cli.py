@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     for name, help in RUN_COMMANDS.items():
         _add_config_flags(sub.add_parser(name, help=help, description=help))
-        help = "run PerFit and its peers (OPPU, task LoRA, RAG, ...) on the same users; writes comparison.{json,md,png}"
+    help = "run PerFit and its peers (OPPU, task LoRA, RAG, ...) on the same users; writes comparison.{json,md,png}"
     _add_config_flags(sub.add_parser("compare", help=help, description=help), CompareConfig)
     p = sub.add_parser("make-data", help="generate LaMP-format data with known per-user preferences")
     p.add_argument("--task_name", required=True, choices=list(TASKS))
