@@ -221,3 +221,21 @@ def test_loss_only_on_target_tokens(tok, llama):
     sh.detach()
     torch.testing.assert_close(loss0, want, rtol=1e-4, atol=1e-4)  # an unattached shifter: the plain model's loss
     assert ex[0].ids[-1] == tok.eos_token_id
+
+
+def test_zero_init_starts_as_the_identity_and_still_learns(tok, llama):
+    """shift_init='zero' (W = R, b = 0): the shifted model equals the bare one until the first step, then trains."""
+    ids = torch.tensor([tokenize_examples(tok, [Example("a prompt here", " x", "a")], 64)[0].ids])
+    bare = llama(input_ids=ids).logits
+    sh = Shifter(64, [1, 2], 4, 2, num_users=2, seed=1, init="zero").attach(llama)
+    with sh.active(ShiftState(torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool), torch.tensor([1]), ids.shape[1])):
+        assert torch.equal(llama(input_ids=ids).logits, bare)
+    sh.detach()
+    ex = _instruction_examples(tok)
+    sh = Shifter(64, [1, 2], 4, 2, num_users=3, seed=1, init="zero").attach(llama)
+    st = train_shifts(llama, sh, ex, epochs=3, batch_size=2, lr=1e-2, train_collective=True, pad_id=tok.pad_token_id,
+                      first=2, last=2)
+    sh.detach()
+    assert st.epoch_losses[-1] < st.epoch_losses[0]
+    with pytest.raises(ValueError, match="shift init"):
+        Shifter(64, [1], 4, 2, init="ones")

@@ -132,13 +132,14 @@ def _stage2_only(ctx, prompts, owners, qids) -> dict:
     device = next(ctx.model.parameters()).device
 
     def make(n: int) -> Shifter:
-        sh = Shifter(ctx.info.hidden_size, c.layers, 0, rank, n, c.seed)
+        sh = Shifter(ctx.info.hidden_size, c.layers, 0, rank, n, c.seed, c.shift_init)
         sh.set_all_personal(sh)  # every user starts from the same random module
         return sh.to(device)
 
     store = UserStore(os.path.join(ctx.run_dir, "stage2_only_users"),
                       {"hidden_size": ctx.info.hidden_size, "layers": c.layers, "user_low_rank_dimension": rank,
                        "positions": c.positions, "max_epoch": c.max_epoch, "user_lr": c.user_lr, "batch_size": c.batch_size,
+                       "shift_init": c.shift_init,
                        "max_history": c.max_history, "seed": c.seed, "task_name": c.task_name, "data": ctx.stage1_key})
     pipeline.train_personal(ctx, store, make, label="stage-2-only")
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ class RunConfig:
     positions: str = _f("", "Prompt positions to shift: fN, lN or fN+lM. Empty: task preset.")
     max_epoch: int = _f(-1, "Epochs of stage 2 (and of stage 1 unless stage1_epochs is set). -1: task preset.")
     stage1_epochs: int = _f(-1, "Epochs of stage 1. -1: same as max_epoch.")
+    shift_init: str = _f("loreft", "Initial shifts: loreft (pyreft's random W, b) or zero (W = R, b = 0: each shift starts as the identity).")
     lr: float = _f(2e-3, "AdamW learning rate of stage 1 (no weight decay: it stalls these tiny modules).")
     user_lr: float = _f(2e-3, "AdamW learning rate of stage 2.")
     max_users: int = _f(0, "Use only the first N test users (0: all).")
@@ -93,8 +94,9 @@ class RunConfig:
         """Hash of everything stage 1's result depends on; a checkpoint is reused only on an exact match."""
         keys = ("task_name", "model_name", "model_path", "dtype", "seed", "batch_size", "low_rank_dimension",
                 "user_low_rank_dimension", "intervene_layer", "positions", "stage1_epochs", "lr",
-                "max_stage1_examples", "max_field_words", "max_length", "prompts_file")
-        blob = json.dumps({k: getattr(self, k) for k in keys} | {"data": data_fingerprint}, sort_keys=True)
+                "shift_init", "max_stage1_examples", "max_field_words", "max_length", "prompts_file")
+        blob = json.dumps(_without_late_defaults({k: getattr(self, k) for k in keys}) | {"data": data_fingerprint},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -127,20 +129,28 @@ class CompareConfig(RunConfig):
         own = set().union(*METHOD_FIELDS.values())
         d = {k: v for k, v in to_dict(self).items() if (k not in own or k in METHOD_FIELDS[method])
              and k not in ("methods", "isolate", "output_dir") + SPEED_ONLY}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(_without_late_defaults(d), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# settings added after checkpoints existed count in their keys only when changed, so those checkpoints stay reusable
+LATE_DEFAULTS = {"shift_init": "loreft"}
+
+
+def _without_late_defaults(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not (k in LATE_DEFAULTS and v == LATE_DEFAULTS[k])}
 
 
 # settings that change how fast results come, not the results (up to float rounding)
 SPEED_ONLY = ("cache_max_bytes", "disk_cache_max_bytes", "disk_cache_dir", "rows_per_pass", "user_group_size", "eval_batch_size")
 _SHIFT = ("low_rank_dimension", "user_low_rank_dimension", "intervene_layer", "positions", "stage1_epochs", "lr",
-          "max_stage1_examples", "run_dir_name")
+          "shift_init", "max_stage1_examples", "run_dir_name")
 _LORA = ("lora_rank", "lora_alpha", "lora_targets", "lora_lr", "stage1_epochs", "max_stage1_examples")
 METHOD_FIELDS = {
     "user_majority": (), "zero_shot": (), "rag": ("rag_k", "rag_item_words"),
     "task_lora": _LORA, "oppu": _LORA + ("oppu_lr", "max_epoch"),
     "stage1": _SHIFT, "perfit": _SHIFT + ("user_lr", "max_epoch"),
     "perfit_stage2_only": ("intervene_layer", "positions", "low_rank_dimension", "user_low_rank_dimension", "user_lr",
-                           "max_epoch", "run_dir_name"),
+                           "shift_init", "max_epoch", "run_dir_name"),
 }
 
 

@@ -116,7 +116,8 @@ def prepare(cfg: RunConfig, load_model: bool = True) -> Context:
 
 def _new_shifter(ctx: Context, num_users: int) -> Shifter:
     c = ctx.cfg
-    return Shifter(ctx.info.hidden_size, c.layers, c.low_rank_dimension, c.user_low_rank_dimension, num_users, c.seed)
+    return Shifter(ctx.info.hidden_size, c.layers, c.low_rank_dimension, c.user_low_rank_dimension, num_users, c.seed,
+                   c.shift_init)
 
 
 def _shift_config(ctx: Context) -> dict:

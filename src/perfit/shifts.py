@@ -48,17 +48,28 @@ def position_index(prompt_lens: list[int], offsets: list[int], first: int, last:
     return idx, valid
 
 
+# loreft: pyreft's initialisation (random W and b: the first steps start from a perturbed model);
+# zero: W = R and b = 0, so every shift starts as the identity
+SHIFT_INITS = ("loreft", "zero")
+
+
 class LowRankShift(nn.Module):
-    def __init__(self, num: int, hidden: int, rank: int, generator: torch.Generator | None = None):
+    def __init__(self, num: int, hidden: int, rank: int, generator: torch.Generator | None = None, init: str = "loreft"):
         super().__init__()
         self.num, self.hidden, self.rank = num, hidden, rank
         if rank > hidden:
             raise ValueError(f"rank {rank} exceeds the hidden size {hidden}")
+        if init not in SHIFT_INITS:
+            raise ValueError(f"shift init {init!r}: choose from {', '.join(SHIFT_INITS)}")
         raw = torch.randn(num, hidden, rank, generator=generator)
         bound = 1.0 / math.sqrt(hidden)  # nn.Linear's default init for the learned projection
         self.rotate_raw = nn.Parameter(raw)  # R^T before orthonormalisation: [K, d, r]
         self.weight = nn.Parameter((torch.rand(num, rank, hidden, generator=generator) * 2 - 1) * bound)
         self.bias = nn.Parameter((torch.rand(num, rank, generator=generator) * 2 - 1) * bound)
+        if init == "zero":  # W = R, b = 0: the shift starts as the identity, the model as it was (like LoRA's B = 0)
+            with torch.no_grad():
+                self.weight.copy_(self.rotation())
+                self.bias.zero_()
 
     def num_parameters_per_module(self) -> int:
         return 2 * self.hidden * self.rank + self.rank
@@ -104,13 +115,14 @@ class ShiftState:
 class Shifter(nn.Module):
     """Collective (1 module per layer) + personal (K modules per layer) shifts, hooked on decoder layers."""
 
-    def __init__(self, hidden: int, layers: list[int], rank: int, user_rank: int, num_users: int = 1, seed: int = 0):
+    def __init__(self, hidden: int, layers: list[int], rank: int, user_rank: int, num_users: int = 1, seed: int = 0,
+                 init: str = "loreft"):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.layers = list(layers)
         # rank 0: no collective shift at all (a personal-only shifter, e.g. the stage-2-only ablation)
-        self.collective = nn.ModuleDict({str(l): LowRankShift(1, hidden, rank, g) for l in self.layers} if rank > 0 else {})
-        self.personal = nn.ModuleDict({str(l): LowRankShift(num_users, hidden, user_rank, g) for l in self.layers})
+        self.collective = nn.ModuleDict({str(l): LowRankShift(1, hidden, rank, g, init) for l in self.layers} if rank > 0 else {})
+        self.personal = nn.ModuleDict({str(l): LowRankShift(num_users, hidden, user_rank, g, init) for l in self.layers})
         self.state: ShiftState | None = None
         self._handles: list = []
 
