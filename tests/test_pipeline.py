@@ -179,7 +179,8 @@ def test_decoder_skips_leading_newlines_and_stops_at_the_next(tok):
 def test_shared_prefix_generation_equals_full_prefill(tok, llama, first, last, users):
     """A batch's shared instruction runs once (once per user when a shift acts inside it): the prefill logits and
     the generations equal those of full left-padded prefills, for mixed users, collective only, and no shift."""
-    from perfit.predict import _prefill, shared_prompt_prefix
+    from perfit.predict import _prefill
+    from perfit.train.batching import shared_prompt_prefix
 
     sh = Shifter(64, [1, 2], 4, 2, num_users=3, seed=5).attach(llama)
     head = "Which tag fits this movie among the tags? description: "

@@ -14,7 +14,7 @@ from .progress import progress
 from .prompts import clean_prediction
 from .backbone import has_sliding_window
 from .shifts import Shifter, ShiftState, lower_states, position_index, skip_lower_layers
-from .train.batching import make_batch
+from .train.batching import make_batch, shared_prompt_prefix
 
 
 @lru_cache(maxsize=8)
@@ -31,26 +31,6 @@ def cache_kwarg(model) -> str:
     """The name under which this transformers version takes a KV cache ('cache' from 5.x on)."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-def shared_prompt_prefix(prompts: list[list[int]], first: int, last: int, min_len: int = 8) -> int:
-    """Length of the token prefix shared by all prompts that can run once for the whole batch: it holds the same
-    first-group shifted positions in every row and none of the last-group ones (and leaves every row one token of
-    its own). 0 when sharing does not apply."""
-    if len(prompts) < 2:
-        return 0
-    n = min(len(p) for p in prompts)
-    ref = prompts[0]
-    for p in prompts[1:]:
-        k = 0
-        while k < n and p[k] == ref[k]:
-            k += 1
-        n = k
-    nfs = {min(first, len(p) // 2) for p in prompts}
-    if len(nfs) > 1:
-        return 0
-    n = min([n] + [len(p) - max(min(last, len(p) // 2), 1) for p in prompts])
-    return n if n >= max(nfs.pop(), min_len) else 0
 
 
 def _prefix_cache(model, prefix: list[int], groups: list[int] | None, shifter: Shifter | None, nf: int, use_collective: bool):
@@ -109,8 +89,8 @@ def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: 
     # the prefix depends on the user only when a personal shift acts inside it
     per_user = shifter is not None and users is not None and nf > 0
     groups = sorted(set(users)) if per_user else [0]
-    G = len(groups)
-    row_group = torch.tensor([groups.index(u) for u in users] if per_user else [0] * B, device=device)
+    group_of = {u: g for g, u in enumerate(groups)}
+    row_group = torch.tensor([group_of[u] for u in users] if per_user else [0] * B, device=device)
     cache = _prefix_cache(model, prompts[0][:Lp], groups if per_user else None, shifter, nf, use_collective)
     cache.reorder_cache(row_group)
     sufs = [p[Lp:] for p in prompts]

@@ -67,3 +67,23 @@ def make_batch(seqs: list[list[int]], prompt_lens: list[int], users: list[int], 
     pos = (torch.arange(T).unsqueeze(0) - torch.tensor(offsets).unsqueeze(1)).clamp(min=0)
     sidx, svalid = position_index(prompt_lens, offsets, first, last)
     return Batch(ids, mask, pos, offsets, [len(s) for s in seqs], sidx, svalid, torch.tensor(users, dtype=torch.long))
+
+
+def shared_prompt_prefix(prompts: list[list[int]], first: int, last: int, min_len: int = 8) -> int:
+    """Length of the token prefix shared by all prompts that can run once for them all: it holds the same
+    first-group shifted positions in every row and none of the last-group ones (and leaves every row one token of
+    its own). 0 when sharing does not apply."""
+    if len(prompts) < 2:
+        return 0
+    n = min(len(p) for p in prompts)
+    ref = prompts[0]
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == ref[k]:
+            k += 1
+        n = k
+    nfs = {min(first, len(p) // 2) for p in prompts}
+    if len(nfs) > 1:
+        return 0
+    n = min([n] + [len(p) - max(min(last, len(p) // 2), 1) for p in prompts])
+    return n if n >= max(nfs.pop(), min_len) else 0

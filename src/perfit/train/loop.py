@@ -21,7 +21,7 @@ from ..progress import progress
 
 from ..backbone import decoder_layers, has_sliding_window, text_config
 from ..shifts import Shifter, ShiftState, lower_states, skip_lower_layers
-from .batching import TokenizedExample, make_batch
+from .batching import TokenizedExample, make_batch, shared_prompt_prefix
 
 log = logging.getLogger("perfit")
 
@@ -104,23 +104,8 @@ def _logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def shared_prefix_len(rows: list[TokenizedExample], first: int, last: int, min_len: int = 8) -> int:
-    """Length of the token prefix that all rows share and whose shifted positions (the first group) are the same
-    in every row, so it can go through the model once per user; 0 when sharing does not apply."""
-    if len(rows) < 2:
-        return 0
-    ref = rows[0].ids
-    n = min(len(r.ids) for r in rows)
-    for r in rows[1:]:
-        k = 0
-        while k < n and r.ids[k] == ref[k]:
-            k += 1
-        n = k
-    nf = min(first, rows[0].prompt_len // 2)
-    for r in rows:
-        if min(first, r.prompt_len // 2) != nf:
-            return 0
-        n = min(n, r.prompt_len - min(last, r.prompt_len // 2), r.prompt_len - 1)
-    return n if n >= max(nf, min_len) else 0
+    """The prompt prefix all rows share and can run once per user (see `shared_prompt_prefix`)."""
+    return shared_prompt_prefix([r.ids[: r.prompt_len] for r in rows], first, last, min_len)
 
 
 def _kv_shape(model) -> tuple[int, int]:
