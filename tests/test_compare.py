@@ -131,3 +131,20 @@ def test_user_majority_and_bm25():
     p = retrieval.rag_prompt(h, "QUERY", idx.top("bread and marathon heat", 2), item_words=3)
     assert p.endswith(". QUERY") and p.count('" is the title for "') == 2 and ", and " in p
     assert '"A recipe for"' in p or '"Marathon runners braved"' in p  # fields cut to 3 words
+
+
+def test_task_lora_is_reused_when_only_shift_settings_change(done, caplog):
+    """The task LoRA (and so OPPU's base) depends on the stage-1 data and LoRA settings, not on PerFit's shifts."""
+    from perfit import pipeline
+
+    cfg, _ = done
+    run_dir_name = os.path.basename(pipeline.prepare(cfg, load_model=False).run_dir)
+    ctx = pipeline.prepare(dataclasses.replace(cfg, shift_init="zero", low_rank_dimension=2, run_dir_name=run_dir_name))
+    meta = json.load(open(os.path.join(ctx.run_dir, "task_lora", "config.json")))
+    with caplog.at_level(logging.INFO, logger="perfit"):
+        _, seconds = cmp._task_lora(ctx)
+    assert seconds == meta["train_seconds"] and "task LoRA:" not in caplog.text
+    ctx = pipeline.prepare(dataclasses.replace(cfg, lora_lr=5e-3, run_dir_name=run_dir_name))
+    with caplog.at_level(logging.INFO, logger="perfit"):
+        cmp._task_lora(ctx)
+    assert "task LoRA:" in caplog.text

@@ -21,7 +21,7 @@ import torch
 
 from . import metrics
 from .config import METHODS, CompareConfig, from_dict, to_dict
-from .data import write_json_atomic
+from .data import data_fingerprint, write_json_atomic
 
 log = logging.getLogger("perfit")
 
@@ -164,7 +164,11 @@ def _task_lora(ctx):
     c = ctx.cfg
     pm = lora.add_lora(ctx.model, c.lora_rank, c.lora_alpha, c.lora_targets, c.seed)
     folder = os.path.join(ctx.run_dir, "task_lora")
-    key = hashlib.sha256(json.dumps([ctx.stage1_key, c.lora_rank, c.lora_alpha, c.lora_targets, c.lora_lr]).encode()).hexdigest()[:16]
+    # what the task LoRA depends on: the stage-1 data and its sampling, the model, the LoRA settings (not the shifts')
+    shared = [getattr(c, k) for k in ("task_name", "model_name", "model_path", "dtype", "seed", "batch_size", "stage1_epochs",
+                                      "max_stage1_examples", "max_field_words", "max_length", "prompts_file")]
+    key = hashlib.sha256(json.dumps([data_fingerprint([ctx.data.others_path]), shared, c.lora_rank, c.lora_alpha,
+                                     c.lora_targets, c.lora_lr]).encode()).hexdigest()[:16]
     meta_path = os.path.join(folder, "config.json")
     if os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as f:

@@ -88,6 +88,7 @@ class RunConfig:
         il = self.intervene_layer.replace(";", ".")
         return (f"lr={self.low_rank_dimension}_ulr={self.user_low_rank_dimension}_il={il}_pl={self.positions}"
                 f"_ep={self.max_epoch}_bs={self.batch_size}_seed={self.seed}_model={self.model_name}"
+                + (f"_init={self.shift_init}" if self.shift_init != LATE_DEFAULTS["shift_init"] else "")
                 + (f"_holdout={self.holdout}" if self.holdout > 0 else ""))
 
     def stage1_key(self, data_fingerprint: str) -> str:
