@@ -56,8 +56,12 @@ def test_prompts_match_method_exactly():
     assert news.prompt.endswith("religion] article: Vote. category:") and news.target == " politics"
     head = PromptBuilder(get_task("news_headline")).history_example({"id": "1", "text": "Body.", "title": "Head"})
     assert (head.prompt, head.target) == ("Generate a headline for the following article: Body. headline:", " Head")
-    q = PromptBuilder(MOVIE).query_example(Query("q", "given input", "comedy"))
-    assert (q.prompt, q.target) == ("given input", " comedy")
+    # a query ends with the template's answer cue, as history prompts do; an input that has it is kept as given
+    q = PromptBuilder(MOVIE).query_example(Query("q", "given input ", "comedy"))
+    assert (q.prompt, q.target) == ("given input tag:", " comedy")
+    assert PromptBuilder(MOVIE).query_example(Query("q", "description: x tag:")).prompt == "description: x tag:"
+    assert PromptBuilder(get_task("news_categorize")).query_prompt("article: Vote.") == "article: Vote. category:"
+    assert PromptBuilder(MOVIE, query_cue=False).query_example(Query("q", "given input")).prompt == "given input"
 
 
 def test_truncation_and_custom_templates(tmp_path):

@@ -95,7 +95,8 @@ def run_method(cfg: CompareConfig, method: str) -> dict:
             prompts = []
             for u in ctx.data.test_users:
                 index = retrieval.UserIndex(task, _history_items(ctx, u))
-                prompts += [tokenize_prompt(ctx.tok, retrieval.rag_prompt(task, q.input, index.top(q.input, c.rag_k), c.rag_item_words), limit)
+                prompts += [tokenize_prompt(ctx.tok, retrieval.rag_prompt(task, ctx.builder.query_prompt(q.input), index.top(q.input, c.rag_k),
+                                                                  c.rag_item_words), limit)
                             for q in u.query]
         t0 = time.perf_counter()
         preds = greedy_generate(ctx.model, ctx.tok, prompts, desc=method, **gen)
@@ -166,7 +167,7 @@ def _task_lora(ctx):
     folder = os.path.join(ctx.run_dir, "task_lora")
     # what the task LoRA depends on: the stage-1 data and its sampling, the model, the LoRA settings (not the shifts')
     shared = [getattr(c, k) for k in ("task_name", "model_name", "model_path", "dtype", "seed", "batch_size", "stage1_epochs",
-                                      "max_stage1_examples", "max_field_words", "max_length", "prompts_file")]
+                                      "max_stage1_examples", "max_field_words", "max_length", "prompts_file", "query_cue")]
     key = hashlib.sha256(json.dumps([data_fingerprint([ctx.data.others_path]), shared, c.lora_rank, c.lora_alpha,
                                      c.lora_targets, c.lora_lr]).encode()).hexdigest()[:16]
     meta_path = os.path.join(folder, "config.json")

@@ -41,6 +41,7 @@ class RunConfig:
     max_stage1_examples: int = _f(0, "Use at most N stage-1 examples, taken evenly across users (0: all).")
     holdout: int = _f(0, "Tuning mode: each test user's last N history items become its queries and the rest its history; the real queries are never used. 0: off.")
     max_history: int = _f(0, "Train each test user on at most their N latest history items (0: all).")
+    query_cue: int = _f(1, "1: a query input that lacks the template's answer cue (' category:', ' headline:') gets it, as history prompts end (LaMP's official inputs stop before it); 0: inputs exactly as given.")
     max_field_words: int = _f(768, "Truncate each text field of a prompt to this many words (OPPU: 768).")
     max_length: int = _f(2048, "Truncate prompt+target to this many tokens, keeping the end of the prompt.")
     rows_per_pass: int = _f(32, "Training rows per forward pass (a step's per-user batches are packed up to this; larger suits a GPU).")
@@ -89,13 +90,14 @@ class RunConfig:
         return (f"lr={self.low_rank_dimension}_ulr={self.user_low_rank_dimension}_il={il}_pl={self.positions}"
                 f"_ep={self.max_epoch}_bs={self.batch_size}_seed={self.seed}_model={self.model_name}"
                 + (f"_init={self.shift_init}" if self.shift_init != LATE_DEFAULTS["shift_init"] else "")
+                + ("_queries=as_given" if not self.query_cue else "")
                 + (f"_holdout={self.holdout}" if self.holdout > 0 else ""))
 
     def stage1_key(self, data_fingerprint: str) -> str:
         """Hash of everything stage 1's result depends on; a checkpoint is reused only on an exact match."""
         keys = ("task_name", "model_name", "model_path", "dtype", "seed", "batch_size", "low_rank_dimension",
                 "user_low_rank_dimension", "intervene_layer", "positions", "stage1_epochs", "lr",
-                "shift_init", "max_stage1_examples", "max_field_words", "max_length", "prompts_file")
+                "shift_init", "query_cue", "max_stage1_examples", "max_field_words", "max_length", "prompts_file")
         blob = json.dumps(_without_late_defaults({k: getattr(self, k) for k in keys}) | {"data": data_fingerprint},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -134,7 +136,7 @@ class CompareConfig(RunConfig):
 
 
 # settings added after checkpoints existed count in their keys only when changed, so those checkpoints stay reusable
-LATE_DEFAULTS = {"shift_init": "loreft"}
+LATE_DEFAULTS = {"shift_init": "loreft", "query_cue": 0}
 
 
 def _without_late_defaults(d: dict) -> dict:

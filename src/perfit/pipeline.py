@@ -97,7 +97,7 @@ def prepare(cfg: RunConfig, load_model: bool = True) -> Context:
     td = load_task_data(data_dir, cfg.task_name)
     if cfg.max_users > 0:
         td.test_users = td.test_users[: cfg.max_users]
-    builder = PromptBuilder(td.task, cfg.prompts_file or None, cfg.max_field_words)
+    builder = PromptBuilder(td.task, cfg.prompts_file or None, cfg.max_field_words, bool(cfg.query_cue))
     if cfg.holdout > 0:
         td = holdout_split(td, builder, cfg.holdout)
     # one streaming pass over user_others.json: validated and turned into examples at once

@@ -23,10 +23,13 @@ def truncate_words(text: str, max_words: int) -> str:
 
 
 class PromptBuilder:
-    def __init__(self, task: Task, prompts_file: str | None = None, max_field_words: int = 768):
+    def __init__(self, task: Task, prompts_file: str | None = None, max_field_words: int = 768, query_cue: bool = True):
         self.task = task
         self.tpl = templates(task.name, prompts_file or None)
         self.max_field_words = max_field_words
+        parts = list(string.Formatter().parse(self.tpl["prompt"]))
+        # the answer cue history prompts end with (" category:"); LaMP's own query inputs stop before it
+        self.cue = parts[-1][0] if query_cue and parts and parts[-1][1] is None and len(parts) > 1 else ""
         names = {f for _, f, _, _ in string.Formatter().parse(self.tpl["prompt"] + self.tpl["target"]) if f}
         unknown = names - set(task.item_fields) - {"id", "date"}
         if unknown:
@@ -43,10 +46,16 @@ class PromptBuilder:
         f = self._fields(item)
         return Example(self.tpl["prompt"].format_map(f), self.tpl["target"].format_map(f), user_id, str(item.get("id", "")))
 
+    def query_prompt(self, text: str) -> str:
+        """A query's `input`, ended with the template's answer cue when it lacks it (so queries end as the history
+        prompts a model was trained on end)."""
+        cue = self.cue.strip()
+        return text if not cue or text.rstrip().endswith(cue) else text.rstrip() + " " + cue
+
     def query_example(self, query, user_id: str = "") -> Example:
-        """A query's prompt is its `input` as given; its target the gold answer (possibly empty)."""
+        """A query's prompt is its `input` (see `query_prompt`); its target the gold answer (possibly empty)."""
         gold = getattr(query, "gold", "") or ""
-        return Example(query.input, (" " + gold) if gold else "", user_id, query.id)
+        return Example(self.query_prompt(query.input), (" " + gold) if gold else "", user_id, query.id)
 
     def user_examples(self, user, include_gold_queries: bool) -> list[Example]:
         ex = [self.history_example(it, user.user_id) for it in user.profile]
