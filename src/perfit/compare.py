@@ -113,7 +113,8 @@ def run_method(cfg: CompareConfig, method: str) -> dict:
                 "generate_seconds_per_query": ctx.timings[f"{method}_predict_seconds"] / len(qids),
                 "settings": {"lr": c.lr, "user_lr": c.user_lr, "stage1_epochs": c.stage1_epochs, "max_epoch": c.max_epoch,
                              "low_rank_dimension": c.low_rank_dimension, "user_low_rank_dimension": c.user_low_rank_dimension,
-                             "layers": c.intervene_layer, "positions": c.positions}}
+                             "layers": c.intervene_layer, "positions": c.positions, "shift_init": c.shift_init,
+                             "query_cue": c.query_cue}}
         if store is not None:
             cost |= {"params_per_user": per_user, "bytes_per_user": store.bytes_per_user(),
                      "train_seconds_per_user": sum(store.index[u.user_id]["train_seconds"] for u in ctx.data.test_users) / n_users}
@@ -150,7 +151,7 @@ def _stage2_only(ctx, prompts, owners, qids) -> dict:
                    bytes_per_user=store.bytes_per_user(), generate_seconds_per_query=(time.perf_counter() - t0) / len(qids),
                    train_seconds_per_user=sum(store.index[u.user_id]["train_seconds"] for u in ctx.data.test_users) / n,
                    settings={"user_lr": c.user_lr, "max_epoch": c.max_epoch, "rank": rank, "layers": c.intervene_layer,
-                             "positions": c.positions})
+                             "positions": c.positions, "shift_init": c.shift_init})
 
 
 def _task_lora(ctx):
