@@ -63,10 +63,6 @@ def _record(ctx, method: str, preds: list[str], qids: list[str], **cost) -> dict
     return rec
 
 
-def _history_items(ctx, user) -> list[dict]:
-    return user.profile[-ctx.cfg.max_history:] if ctx.cfg.max_history > 0 else user.profile
-
-
 def run_method(cfg: CompareConfig, method: str) -> dict:
     """Train (if needed) and evaluate one method; returns its record."""
     from . import pipeline
@@ -79,7 +75,7 @@ def run_method(cfg: CompareConfig, method: str) -> dict:
         t0 = time.perf_counter()
         preds = []
         for u in ctx.data.test_users:
-            items = _history_items(ctx, u)
+            items = pipeline.history_items(ctx, u)
             index = None if task.is_classification else retrieval.UserIndex(task, items)
             preds += [retrieval.majority_answer(task, items, q.input, index) for q in u.query]
         return _record(ctx, method, preds, qids, generate_seconds_per_query=(time.perf_counter() - t0) / len(qids))
@@ -94,7 +90,7 @@ def run_method(cfg: CompareConfig, method: str) -> dict:
         if method == "rag":
             prompts = []
             for u in ctx.data.test_users:
-                index = retrieval.UserIndex(task, _history_items(ctx, u))
+                index = retrieval.UserIndex(task, pipeline.history_items(ctx, u))
                 prompts += [tokenize_prompt(ctx.tok, retrieval.rag_prompt(task, ctx.builder.query_prompt(q.input), index.top(q.input, c.rag_k),
                                                                   c.rag_item_words), limit)
                             for q in u.query]

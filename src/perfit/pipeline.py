@@ -194,9 +194,13 @@ def _init_from_stage1(ctx: Context, stage1: Shifter, n: int) -> Shifter:
     return sh.to(next(ctx.model.parameters()).device)
 
 
+def history_items(ctx: Context, user) -> list[dict]:
+    """The history a user's personal stage trains on (its latest max_history items)."""
+    return user.profile[-ctx.cfg.max_history:] if ctx.cfg.max_history > 0 else user.profile
+
+
 def user_history(ctx: Context, user) -> list[Example]:
-    items = user.profile[-ctx.cfg.max_history:] if ctx.cfg.max_history > 0 else user.profile
-    return [ctx.builder.history_example(it, user.user_id) for it in items]
+    return [ctx.builder.history_example(it, user.user_id) for it in history_items(ctx, user)]
 
 
 def train_personal(ctx: Context, store: UserStore, make_shifter, label: str = "stage 2") -> UserStore:
