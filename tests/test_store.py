@@ -40,3 +40,20 @@ def test_no_temporary_files_left_and_index_is_valid_json(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
     index = json.load(open(tmp_path / "index.json"))
     assert set(index) == {"a", "b"} and index["a"]["examples"] == 3
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """mkstemp makes 0600 files; results and shifts are written with the mode a plain open() gives."""
+    import stat
+
+    from perfit.data import write_json_atomic
+    from perfit.store import save_safetensors_atomic
+
+    mask = os.umask(0o022)
+    try:
+        write_json_atomic(str(tmp_path / "r.json"), {"a": 1})
+        save_safetensors_atomic(str(tmp_path / "u.safetensors"), {"w": torch.zeros(2)}, {"user_id": "u"})
+    finally:
+        os.umask(mask)
+    for f in ("r.json", "u.safetensors"):
+        assert stat.S_IMODE(os.stat(tmp_path / f).st_mode) == 0o644

@@ -13,7 +13,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data.schema import write_json_atomic
+from .data.schema import umask_mode, write_json_atomic
 from .shifts import Shifter
 
 INDEX = "index.json"
@@ -31,6 +31,7 @@ def save_safetensors_atomic(path: str, tensors: dict[str, torch.Tensor], metadat
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

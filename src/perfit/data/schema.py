@@ -59,6 +59,13 @@ class TaskData:
         return load_users(self.others_path, self.task, role="others")
 
 
+def umask_mode(path: str) -> None:
+    """Give a temporary file (mkstemp makes it 0600) the mode a plain open() would have, before it is renamed."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_json_atomic(path: str, obj: Any, indent: int | None = 1) -> None:
     """Write JSON so that a crash never leaves a half-written file under `path`."""
     d = os.path.dirname(os.path.abspath(path))
@@ -69,6 +76,7 @@ def write_json_atomic(path: str, obj: Any, indent: int | None = 1) -> None:
             json.dump(obj, f, ensure_ascii=False, indent=indent)
             f.flush()
             os.fsync(f.fileno())
+        umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
