@@ -153,6 +153,12 @@ def test_cli_layer_beyond_depth(tiny_model_dir, data, tmp_path, capsys):
     assert rc == 2 and "the model has 4 decoder layers" in capsys.readouterr().err
 
 
+def test_cli_bad_shift_init_fails_before_any_output(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["run", "--shift_init", "ones", "--output_dir", str(out)]) == 2
+    assert "shift_init 'ones'" in capsys.readouterr().err and not out.exists()
+
+
 class _Scripted(torch.nn.Module):
     """Emits a fixed token script whatever the input (to test the decoder's stopping rules)."""
 

@@ -76,9 +76,11 @@ class RunConfig:
             if getattr(c, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
         c.intervene_layer = ";".join(str(l) for l in parse_layers(c.intervene_layer))  # one spelling per layer set
-        from .shifts import parse_positions  # local: shifts imports torch
+        from .shifts import SHIFT_INITS, parse_positions  # local: shifts imports torch
 
         parse_positions(c.positions)
+        if c.shift_init not in SHIFT_INITS:
+            raise ValueError(f"shift_init {c.shift_init!r}: choose from {', '.join(SHIFT_INITS)}")
         return c
 
     @property
