@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import subprocess
@@ -322,8 +323,11 @@ def plot(records: dict, metric: str, path: str, title: str) -> None:
         for (x, y), ms in at.items():
             ax.scatter([x], [y], s=60, color="tab:red" if any(m.startswith("perfit") for m in ms) else "tab:blue")
             ax.annotate(", ".join(ms), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set_xscale("symlog", linthresh=1.0 if field == "train_seconds_per_user" else 1000.0)
+        thresh = 1.0 if field == "train_seconds_per_user" else 1000.0
+        ax.set_xscale("symlog", linthresh=thresh)
         ax.margins(x=0.15, y=0.08)  # room for the labels of the outermost points
+        top = max([r[field] for r in records.values()] + [thresh])
+        ax.set_xticks([0.0] + [thresh * 10**k for k in range(0, int(math.log10(top / thresh)) + 2)])
         ax.set_xlabel(label + " (0 = none)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
