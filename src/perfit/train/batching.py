@@ -69,6 +69,11 @@ def make_batch(seqs: list[list[int]], prompt_lens: list[int], users: list[int], 
     return Batch(ids, mask, pos, offsets, [len(s) for s in seqs], sidx, svalid, torch.tensor(users, dtype=torch.long))
 
 
+def unshifted_prefix_len(prompt_len: int, last: int) -> int:
+    """Prompt tokens before the last-group shifted positions, leaving at least the final prompt token after them."""
+    return prompt_len - max(min(last, prompt_len // 2), 1)
+
+
 def shared_prompt_prefix(prompts: list[list[int]], first: int, last: int, min_len: int = 8) -> int:
     """Length of the token prefix shared by all prompts that can run once for them all: it holds the same
     first-group shifted positions in every row and none of the last-group ones (and leaves every row one token of
@@ -85,5 +90,5 @@ def shared_prompt_prefix(prompts: list[list[int]], first: int, last: int, min_le
     nfs = {min(first, len(p) // 2) for p in prompts}
     if len(nfs) > 1:
         return 0
-    n = min([n] + [len(p) - max(min(last, len(p) // 2), 1) for p in prompts])
+    n = min([n] + [unshifted_prefix_len(len(p), last) for p in prompts])
     return n if n >= max(nfs.pop(), min_len) else 0

@@ -21,7 +21,7 @@ from ..progress import progress
 
 from ..backbone import decoder_layers, has_sliding_window, text_config
 from ..shifts import Shifter, ShiftState, lower_states, skip_lower_layers
-from .batching import TokenizedExample, make_batch, shared_prompt_prefix
+from .batching import TokenizedExample, make_batch, shared_prompt_prefix, unshifted_prefix_len
 
 log = logging.getLogger("perfit")
 
@@ -191,7 +191,7 @@ class FrozenPrefix:
 
 
 def frozen_prefix_len(ex: TokenizedExample, last: int) -> int:
-    return min(ex.prompt_len - min(last, ex.prompt_len // 2), ex.prompt_len - 1)
+    return unshifted_prefix_len(ex.prompt_len, last)
 
 
 @torch.no_grad()
