@@ -4,6 +4,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
+from .errors import ConfigError
 from .tasks import Task, templates
 
 
@@ -30,10 +31,14 @@ class PromptBuilder:
         parts = list(string.Formatter().parse(self.tpl["prompt"]))
         # the answer cue history prompts end with (" category:"); LaMP's own query inputs stop before it
         self.cue = parts[-1][0] if query_cue and parts and parts[-1][1] is None and len(parts) > 1 else ""
+        # a template with one field, at its end ("... description: {description} tag:"): the query's text is what
+        # sits between the literal head and the cue (used to find a query's text among history items)
+        fields = [(lit, f) for lit, f, _, _ in parts if f is not None]
+        self.head, self.content_field = (fields[0][0], fields[0][1]) if len(fields) == 1 else ("", "")
         names = {f for _, f, _, _ in string.Formatter().parse(self.tpl["prompt"] + self.tpl["target"]) if f}
         unknown = names - set(task.item_fields) - {"id", "date"}
         if unknown:
-            raise ValueError(f"prompt template of {task.name} uses unknown fields {sorted(unknown)}; "
+            raise ConfigError(f"prompt template of {task.name} uses unknown fields {sorted(unknown)}; "
                              f"history items have {list(task.item_fields)}")
 
     def _fields(self, item: dict) -> dict:
@@ -56,6 +61,17 @@ class PromptBuilder:
         """A query's prompt is its `input` (see `query_prompt`); its target the gold answer (possibly empty)."""
         gold = getattr(query, "gold", "") or ""
         return Example(self.query_prompt(query.input), (" " + gold) if gold else "", user_id, query.id)
+
+    def query_content(self, text: str) -> str | None:
+        """The item text a query was made from, when its input follows the template (head, text, cue); else None."""
+        if not self.content_field:
+            return None
+        t, cue = " ".join(text.split()), " ".join(self.tpl["prompt"].rsplit("}", 1)[-1].split())
+        head = " ".join(self.head.split())
+        if not t.startswith(head):
+            return None
+        body = t[len(head):].strip()
+        return body[: -len(cue)].strip() if cue and body.endswith(cue) else body
 
     def user_examples(self, user, include_gold_queries: bool) -> list[Example]:
         ex = [self.history_example(it, user.user_id) for it in user.profile]

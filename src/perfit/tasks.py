@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+from .errors import ConfigError
+
 MOVIE_TAGS = (
     "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy", "classic",
     "psychology", "fantasy", "romance", "thought-provoking", "social commentary", "violence", "true story",
@@ -49,7 +51,7 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task_name {name!r}; choose one of {', '.join(TASKS)}") from None
+        raise ConfigError(f"unknown task_name {name!r}; choose one of {', '.join(TASKS)}") from None
 
 
 @lru_cache(maxsize=None)
@@ -67,8 +69,13 @@ def templates(task_name: str, path: str | None = None) -> dict:
     get_task(task_name)
     if path is None:
         return dict(_packaged_json("prompts.json")[task_name])
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--prompts_file {path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--prompts_file {path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if task_name not in data or not {"prompt", "target"} <= set(data[task_name]):
-        raise ValueError(f"{path}: needs an entry {task_name!r} with fields 'prompt' and 'target'")
+        raise ConfigError(f"{path}: needs an entry {task_name!r} with fields 'prompt' and 'target'")
     return dict(data[task_name])
