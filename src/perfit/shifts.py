@@ -4,40 +4,32 @@
 
 `LowRankShift` holds K such modules stacked (K=1: one shared module; K=users: one per user), so a batch
 that mixes users gathers each row's own module. R is kept orthonormal by a sign-fixed QR of an
-unconstrained matrix, batched over K and always computed in float32 (QR in bf16 is not reliable).
+unconstrained matrix, batched over K. Shifts compute in float32 at least (QR in bf16 is not reliable), in
+float64 when the model and the shifts are float64 (the exactness tests use that).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .backbone import decoder_layers
+from .config import parse_positions
 
-_POS_RE = re.compile(r"^(?:f(\d+))?(?:\+?l(\d+))?$")
-
-
-def parse_positions(spec: str) -> tuple[int, int]:
-    """'f7+l7' -> (7, 7); 'l7' -> (0, 7); 'f5' -> (5, 0)."""
-    m = _POS_RE.match(spec.strip()) if spec else None
-    if not m or (m.group(1) is None and m.group(2) is None) or (m.group(1) and m.group(2) and "+" not in spec):
-        raise ValueError(f"positions must look like fN, lN or fN+lM (e.g. 'f7+l7'), got {spec!r}")
-    first, last = int(m.group(1) or 0), int(m.group(2) or 0)
-    if first + last == 0:
-        raise ValueError(f"positions {spec!r} selects no token")
-    return first, last
+__all__ = ["parse_positions", "position_index", "LowRankShift", "ShiftState", "Shifter", "SHIFT_INITS"]
 
 
 def position_index(prompt_lens: list[int], offsets: list[int], first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded [B, P] indices of the shifted prompt positions and their validity mask.
+    """Padded [B, P] indices of the shifted prompt positions and their validity mask: the one place where the
+    position groups are laid out.
 
-    Positions count real prompt tokens, starting at each row's `offset` (its left padding), so padding
-    never shifts them. With a short prompt each group is capped at len // 2 so groups never overlap."""
-    P = first + last
+    Positions count real prompt tokens; a row's token j sits at column j + offset (its left padding, or minus the
+    length of a prefix that runs separately), so padding never shifts them. With a short prompt each group is
+    capped at len // 2 so groups never overlap."""
+    P = max(first + last, 1)
     idx = torch.zeros(len(prompt_lens), P, dtype=torch.long)
     valid = torch.zeros(len(prompt_lens), P, dtype=torch.bool)
     for b, (n, off) in enumerate(zip(prompt_lens, offsets)):
@@ -53,12 +45,24 @@ def position_index(prompt_lens: list[int], offsets: list[int], first: int, last:
 SHIFT_INITS = ("loreft", "zero")
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    out = torch.float32
+    for d in dtypes:
+        out = torch.promote_types(out, d)
+    return out
+
+
 class LowRankShift(nn.Module):
-    def __init__(self, num: int, hidden: int, rank: int, generator: torch.Generator | None = None, init: str = "loreft"):
+    def __init__(self, num: int, hidden: int, rank: int, generator: torch.Generator | None = None, init: str | None = "loreft"):
         super().__init__()
         self.num, self.hidden, self.rank = num, hidden, rank
         if rank > hidden:
             raise ValueError(f"rank {rank} exceeds the hidden size {hidden}")
+        if init is None:  # to be filled by load_slice / load_state_dict: no random draws
+            self.rotate_raw = nn.Parameter(torch.zeros(num, hidden, rank))
+            self.weight = nn.Parameter(torch.zeros(num, rank, hidden))
+            self.bias = nn.Parameter(torch.zeros(num, rank))
+            return
         if init not in SHIFT_INITS:
             raise ValueError(f"shift init {init!r}: choose from {', '.join(SHIFT_INITS)}")
         raw = torch.randn(num, hidden, rank, generator=generator)
@@ -77,14 +81,17 @@ class LowRankShift(nn.Module):
     def rotation(self) -> torch.Tensor:
         """R with orthonormal rows, [K, r, d]. QR with a positive diagonal is unique, so an R that is
         already orthonormal maps to itself."""
-        q, r = torch.linalg.qr(self.rotate_raw.float())
+        q, r = torch.linalg.qr(self.rotate_raw.to(compute_dtype(self.rotate_raw.dtype)))
         sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
         return (q * sign.unsqueeze(-2)).transpose(-1, -2)
 
     def delta(self, h: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
-        """h: [B, P, d] (float32). which: [B] module index per row (None: module 0 for all)."""
-        R, W, b = self.rotation(), self.weight.float(), self.bias.float()
+        """h: [B, P, d]. which: [B] module index per row (None: module 0 for all). Returns the shift in the compute
+        dtype (float32, or float64 for float64 inputs and parameters)."""
+        dt = compute_dtype(h.dtype, self.weight.dtype)
+        R, W, b = self.rotation().to(dt), self.weight.to(dt), self.bias.to(dt)
+        h = h.to(dt)
         if which is None:
             R, W, b = R[:1].expand(h.shape[0], -1, -1), W[:1].expand(h.shape[0], -1, -1), b[:1].expand(h.shape[0], -1)
         else:
@@ -108,7 +115,7 @@ class ShiftState:
     index: torch.Tensor  # [B, P] positions to shift
     valid: torch.Tensor  # [B, P]
     users: torch.Tensor | None  # [B] row -> personal module; None: no personal shift
-    seq_len: int  # the prefill length; passes of another length (decoding steps) are left alone
+    seq_len: int  # the length of the pass that is shifted; passes of another length (decoding steps) are left alone
     use_collective: bool = True
 
 
@@ -116,7 +123,7 @@ class Shifter(nn.Module):
     """Collective (1 module per layer) + personal (K modules per layer) shifts, hooked on decoder layers."""
 
     def __init__(self, hidden: int, layers: list[int], rank: int, user_rank: int, num_users: int = 1, seed: int = 0,
-                 init: str = "loreft"):
+                 init: str | None = "loreft"):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.layers = list(layers)
@@ -125,6 +132,16 @@ class Shifter(nn.Module):
         self.personal = nn.ModuleDict({str(l): LowRankShift(num_users, hidden, user_rank, g, init) for l in self.layers})
         self.state: ShiftState | None = None
         self._handles: list = []
+
+    def spawn(self, num_users: int) -> "Shifter":
+        """A shifter with this one's collective modules and `num_users` personal modules, each a copy of personal
+        module 0 (the P0 every user starts from), on the same device."""
+        first = next(iter(self.personal.values()))
+        rank = next(iter(self.collective.values())).rank if len(self.collective) else 0
+        sh = Shifter(first.hidden, self.layers, rank, first.rank, num_users, init=None).to(first.weight.device, first.weight.dtype)
+        sh.collective.load_state_dict(self.collective.state_dict())
+        sh.set_all_personal(self)
+        return sh
 
     @property
     def num_users(self) -> int:
@@ -143,6 +160,14 @@ class Shifter(nn.Module):
             for k in range(self.num_users):
                 self.personal[str(l)].load_slice(k, state)
 
+    def user_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Personal module k as flat tensors `layer.<l>.<name>` (what the user store keeps)."""
+        return {f"layer.{l}.{n}": t for l in self.layers for n, t in self.personal[str(l)].slice_state(k).items()}
+
+    def load_user_state(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        for l in self.layers:
+            self.personal[str(l)].load_slice(k, {n: tensors[f"layer.{l}.{n}"] for n in ("rotate_raw", "weight", "bias")})
+
     def _hook(self, layer: int):
         def hook(module, args, output):
             st = self.state
@@ -153,33 +178,37 @@ class Shifter(nn.Module):
                 return None
             d = h.shape[-1]
             gather = st.index.unsqueeze(-1).expand(-1, -1, d)
-            hs = h.gather(1, gather).float()
-            delta = torch.zeros_like(hs)
+            hs = h.gather(1, gather)
+            delta = None
             if st.use_collective and str(layer) in self.collective:
-                delta = delta + self.collective[str(layer)].delta(hs)
+                delta = self.collective[str(layer)].delta(hs)
             if st.users is not None:
-                delta = delta + self.personal[str(layer)].delta(hs, st.users)
+                pd = self.personal[str(layer)].delta(hs, st.users)
+                delta = pd if delta is None else delta + pd
+            if delta is None:
+                return None
             delta = delta * st.valid.unsqueeze(-1)
             h = h.scatter_add(1, gather, delta.to(h.dtype))
             return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
         return hook
 
-    def attach(self, model) -> "Shifter":
-        self.detach()
+    @contextlib.contextmanager
+    def attached(self, model):
+        """Hook the shifts onto `model`'s decoder layers for the duration of the block; the hooks never outlive it,
+        whatever is raised inside."""
         blocks = decoder_layers(model)
-        for l in self.layers:
-            if not 0 <= l < len(blocks):
-                raise ValueError(f"intervene_layer {l} out of range: the model has {len(blocks)} decoder layers")
-            self._handles.append(blocks[l].register_forward_hook(self._hook(l)))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        bad = [l for l in self.layers if not 0 <= l < len(blocks)]
+        if bad:
+            raise ValueError(f"intervene_layer {bad} out of range: the model has {len(blocks)} decoder layers")
+        handles = [blocks[l].register_forward_hook(self._hook(l)) for l in self.layers]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
 
     @contextlib.contextmanager
-    def active(self, state: ShiftState):
+    def active(self, state: ShiftState | None):
         prev, self.state = self.state, state
         try:
             yield
@@ -187,53 +216,14 @@ class Shifter(nn.Module):
             self.state = prev
 
 
-class _Skip(nn.Module):
-    """Stands in for a frozen lower layer whose output was computed once and cached."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.attention_type = getattr(layer, "attention_type", None)  # some models read it off the block
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-@contextlib.contextmanager
-def skip_lower_layers(model, upto: int):
-    """Run the model from layer `upto` on: feed the cached input of that layer as `inputs_embeds`.
-    The blocks stay in place (only bypassed), so per-layer settings indexed by position still line up."""
-    blocks = decoder_layers(model)
-    saved = [blocks[i] for i in range(upto)]
-    try:
-        for i in range(upto):
-            blocks[i] = _Skip(saved[i])
-        yield
-    finally:
-        for i in range(upto):
-            blocks[i] = saved[i]
-
-
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
-def lower_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, layer: int,
-                 cache_kw: dict | None = None) -> torch.Tensor:
-    """The hidden states entering decoder layer `layer` (they depend on no trainable parameter). `cache_kw`
-    ({name: KV cache}) also collects the keys/values of the layers below."""
-    captured = {}
-
-    def pre(module, args, kwargs):
-        captured["h"] = args[0] if args else kwargs["hidden_states"]
-        raise _Stop
-
-    handle = decoder_layers(model)[layer].register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=cache_kw is not None, **(cache_kw or {}))
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured["h"]
+def probe_outputs(shifter: Shifter, probes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The effective shifts on fixed probe states [N, d]: {"collective.<l>": [N, d], "personal.<l>": [K, N, d]}.
+    Unlike the raw parameters (rotate_raw only matters through its Q factor), these are identifiable."""
+    out = {}
+    for l in shifter.layers:
+        if str(l) in shifter.collective:
+            out[f"collective.{l}"] = shifter.collective[str(l)].delta(probes.unsqueeze(0))[0]
+        K = shifter.num_users
+        out[f"personal.{l}"] = shifter.personal[str(l)].delta(probes.unsqueeze(0).expand(K, -1, -1), torch.arange(K))
+    return out

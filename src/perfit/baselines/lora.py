@@ -12,8 +12,8 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..progress import progress
-from ..train.batching import TokenizedExample, make_batch
-from ..train.loop import target_loss
+from ..batching import TokenizedExample, make_batch
+from ..train.forward import target_loss
 
 
 def lora_config(rank: int, alpha: int, targets: str) -> LoraConfig:
@@ -65,12 +65,12 @@ def train_lm(model, examples: list[TokenizedExample], *, epochs: int, batch_size
         hidden = model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                                      use_cache=False).last_hidden_state
         ntok = sum(len(r.ids) - r.prompt_len for r in rows)
-        loss, raw, n = target_loss(model, hidden, rows, [off + r.prompt_len - 1 for r, off in zip(rows, b.offsets)],
-                                    [1.0 / ntok] * len(rows))
+        loss, row_sums, _ = target_loss(model, hidden, rows, [off + r.prompt_len - 1 for r, off in zip(rows, b.offsets)],
+                                        [1.0 / ntok] * len(rows))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(raw / max(n, 1))
+        losses.append(float(row_sums.sum()) / max(ntok, 1))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     return {"steps": len(steps), "first_loss": losses[0] if losses else float("nan"),
             "last_loss": losses[-1] if losses else float("nan"), "seconds": time.perf_counter() - t0}

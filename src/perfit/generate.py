@@ -1,20 +1,21 @@
 """Greedy generation for a batch of queries from many users, each row with its own personal shift.
 
 Rows are left-padded; shifts act on the prompt positions in the prefill pass only, never on generated
-tokens. Decoding stops at EOS or at the first newline of every row."""
+tokens. Decoding stops at EOS or at the first newline of every row (once some text was produced)."""
 from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
-from .progress import progress
 
+from .batching import make_batch, shared_prompt_prefix
+from .prefix import cache_kwarg, can_splice, prefix_cache, splice_layout
+from .progress import progress
 from .prompts import clean_prediction
-from .backbone import has_sliding_window
-from .shifts import Shifter, ShiftState, lower_states, position_index, skip_lower_layers
-from .train.batching import make_batch, shared_prompt_prefix
+from .shifts import Shifter, ShiftState, position_index
 
 
 @lru_cache(maxsize=8)
@@ -27,46 +28,6 @@ def _blank_ids(tok) -> frozenset[int]:
     return frozenset(i for i in range(len(tok)) if not tok.decode([i]).strip())
 
 
-def cache_kwarg(model) -> str:
-    """The name under which this transformers version takes a KV cache ('cache' from 5.x on)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _prefix_cache(model, prefix: list[int], groups: list[int] | None, shifter: Shifter | None, nf: int, use_collective: bool):
-    """KV cache of the shared prefix: one row, or one row per user of `groups` when a personal shift acts inside it.
-    The layers below the lowest shifted one are the same for every user: they run once, and only the layers from
-    there on run per user."""
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    G, Lp = len(groups) if groups else 1, len(prefix)
-    kw = cache_kwarg(model.get_decoder())
-    ids = torch.tensor([prefix], device=device)
-    pos = torch.arange(Lp, device=device).unsqueeze(0)
-    ones = torch.ones(1, Lp, dtype=torch.long, device=device)
-    state = None
-    if shifter is not None and nf > 0:
-        state = ShiftState(torch.arange(nf, device=device).expand(G, nf), torch.ones(G, nf, dtype=torch.bool, device=device),
-                           torch.tensor(groups, device=device) if groups else None, Lp, use_collective)
-    low = min(shifter.layers) if shifter is not None else 0
-    if G == 1 or low == 0:
-        cache = DynamicCache(config=model.config)
-        with (shifter.active(state) if state is not None else contextlib.nullcontext()):
-            model.get_decoder()(input_ids=ids.expand(G, Lp), attention_mask=ones.expand(G, Lp), position_ids=pos.expand(G, Lp),
-                                use_cache=True, **{kw: cache})
-        return cache
-    shared = DynamicCache(config=model.config)
-    h = lower_states(model, ids, ones, pos, low, {kw: shared})
-    cache = DynamicCache(config=model.config)
-    with shifter.active(state), skip_lower_layers(model, low):
-        model.get_decoder()(inputs_embeds=h.expand(G, -1, -1), attention_mask=ones.expand(G, Lp), position_ids=pos.expand(G, Lp),
-                            use_cache=True, **{kw: cache})
-    for l in range(low):  # bypassed above: fill in the shared layers, one copy per user
-        cache.update(shared.layers[l].keys.expand(G, -1, -1, -1), shared.layers[l].values.expand(G, -1, -1, -1), l)
-    return cache
-
-
 def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: Shifter | None, use_collective: bool,
              first: int, last: int, pad_id: int, share_prefix: bool, keep: dict):
     """The prefill pass of one batch. Returns (output, attention mask, position ids of the last column).
@@ -77,7 +38,7 @@ def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: 
     device = next(model.parameters()).device
     B = len(prompts)
     Lp = shared_prompt_prefix(prompts, first, last) if share_prefix else 0
-    Lp = 0 if Lp and has_sliding_window(model) else Lp
+    Lp = Lp if Lp and can_splice(model) else 0
     if not Lp:
         b = make_batch(prompts, [len(p) for p in prompts], users if users is not None else [0] * B, pad_id, first, last).to(device)
         state = None if shifter is None else ShiftState(b.shift_index, b.shift_valid, b.users if users is not None else None,
@@ -87,37 +48,43 @@ def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: 
         return res, b.attention_mask, b.position_ids[:, -1:]
     nf = min(first, len(prompts[0]) // 2)
     # the prefix depends on the user only when a personal shift acts inside it
-    per_user = shifter is not None and users is not None and nf > 0
-    groups = sorted(set(users)) if per_user else [0]
-    group_of = {u: g for g, u in enumerate(groups)}
-    row_group = torch.tensor([group_of[u] for u in users] if per_user else [0] * B, device=device)
-    cache = _prefix_cache(model, prompts[0][:Lp], groups if per_user else None, shifter, nf, use_collective)
-    cache.reorder_cache(row_group)
+    groups = sorted(set(users)) if shifter is not None and users is not None and nf > 0 else None
+    g_of = {u: g for g, u in enumerate(groups or [])}
+    cache = prefix_cache(model, prompts[0][:Lp], groups, shifter, nf, use_collective)
+    cache.reorder_cache(torch.tensor([g_of[u] for u in users] if groups else [0] * B, device=device))
     sufs = [p[Lp:] for p in prompts]
-    S = max(len(x) for x in sufs)
-    b = make_batch(sufs, [len(x) for x in sufs], users if users is not None else [0] * B, pad_id, 0, 0)
-    mask = torch.cat([torch.ones(B, Lp, dtype=torch.long), b.attention_mask], 1).to(device)
-    pos = (Lp + b.position_ids).to(device)
+    lay = splice_layout([Lp] * B, [len(s) for s in sufs])
+    b = make_batch(sufs, [len(s) for s in sufs], users if users is not None else [0] * B, pad_id, 0, 0)
     state = None
     if shifter is not None and last > 0:
         # the last group lies wholly in the suffix (shared_prompt_prefix guarantees it)
-        sidx, svalid = position_index([len(p) for p in prompts], [S - len(p) for p in prompts], 0, last)
-        state = ShiftState(sidx.to(device), svalid.to(device), b.users.to(device) if users is not None else None, S, use_collective)
+        sidx, svalid = position_index([len(p) for p in prompts], [o - Lp for o in lay.offsets], 0, last)
+        state = ShiftState(sidx.to(device), svalid.to(device), b.users.to(device) if users is not None else None, lay.S,
+                           use_collective)
+    mask, pos = lay.mask.to(device), lay.position_ids.to(device)
     with (shifter.active(state) if state is not None else contextlib.nullcontext()):
         res = model(input_ids=b.input_ids.to(device), attention_mask=mask, position_ids=pos, use_cache=True, **keep,
                     **{cache_kwarg(model): cache})
     return res, mask, pos[:, -1:]
 
 
+@dataclass
+class GenerationOutput:
+    texts: list[str]
+    tokens: list[list[int]] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # per prompt: [steps, vocab] (float32, on CPU)
+
+
 @torch.no_grad()
 def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | None = None, shifter: Shifter | None = None,
                     use_collective: bool = True, first: int = 0, last: int = 0, max_new_tokens: int = 16,
                     batch_size: int = 32, desc: str = "generating", stop_early: bool = True,
-                    share_prefix: bool = True) -> list[str]:
+                    share_prefix: bool = True, with_logits: bool = False):
     """Returns the cleaned generation of each prompt (token ids), in input order. `users[i]` is the personal
-    module of prompt i (None: no personal shift); `shifter` None: the bare model. `stop_early=False` always
-    generates max_new_tokens tokens (for like-for-like throughput measurements). `share_prefix`: run the prompt
-    prefix that a batch shares once (once per user where a shift acts inside it)."""
+    module of prompt i (None: no personal shift); `shifter` None: the bare model (else it must be attached).
+    `stop_early=False` always generates max_new_tokens tokens (for like-for-like throughput measurements).
+    `share_prefix`: run the prompt prefix that a batch shares once (once per user where a shift acts inside it).
+    `with_logits`: return a GenerationOutput holding each step's logits too."""
     eos = tok.eos_token_id
     newline = set(_newline_ids(tok)) if stop_early else set()
     blank = _blank_ids(tok)
@@ -129,17 +96,21 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
         order = sorted(range(len(prompts)), key=lambda i: (users[i], len(prompts[i])))
     else:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
+    out = GenerationOutput([""] * len(prompts), [[] for _ in prompts], [torch.empty(0)] * len(prompts))
     for s in progress(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[s: s + batch_size]
         res, mask, pos = _prefill(model, [prompts[i] for i in idx], None if users is None else [users[i] for i in idx], shifter,
                                   use_collective, max(first, 0), max(last, 0), tok.pad_token_id, share_prefix and bool(keep), keep)
         cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
         gen = [[] for _ in idx]
+        steps: list[torch.Tensor] = []
         done = torch.zeros(len(idx), dtype=torch.bool)
         started = [False] * len(idx)  # a newline ends the answer only once some text was produced
-        nxt = res.logits[:, -1].argmax(-1)
+        logits = res.logits[:, -1]
         for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            if with_logits:
+                steps.append(logits.float().cpu())
             for j, t in enumerate(nxt.tolist()):
                 if done[j]:
                     continue
@@ -156,7 +127,10 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
             pos = pos[:, -1:] + 1
             res = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True, **keep, **{kw: cache})
             cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
-            nxt = res.logits[:, -1].argmax(-1)
+            logits = res.logits[:, -1]
         for j, i in enumerate(idx):
-            out[i] = clean_prediction(tok.decode(gen[j], skip_special_tokens=True))
-    return out
+            out.texts[i] = clean_prediction(tok.decode(gen[j], skip_special_tokens=True))
+            out.tokens[i] = gen[j]
+            if with_logits:
+                out.logits[i] = torch.stack([st[j] for st in steps])
+    return out if with_logits else out.texts

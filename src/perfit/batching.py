@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..prompts import Example
-from ..shifts import position_index
+from .prompts import Example
+from .shifts import position_index
 
 
 @dataclass

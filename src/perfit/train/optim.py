@@ -1,0 +1,67 @@
+"""The optimizer and the data order: per-user Adam state and per-user shuffles, so that training many users in one
+batched loop updates each user exactly as training it alone would."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..batching import TokenizedExample
+
+
+class MaskedAdamW:
+    """AdamW (no weight decay) over stacked parameters whose leading dim indexes modules (users).
+    `step(active)` updates only the active modules, each with its own step count, exactly as torch's
+    AdamW would update that module trained alone."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.b1, self.b2, self.eps = list(params), lr, betas[0], betas[1], eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = [torch.zeros(p.shape[0], dtype=torch.float64) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor | None = None) -> None:
+        for p, m, v, t in zip(self.params, self.m, self.v, self.t):
+            if p.grad is None:
+                continue
+            if active is None:
+                a = torch.ones(p.shape[0], dtype=torch.bool)
+            elif active.numel() == p.shape[0]:
+                a = active.cpu()
+            else:  # a shared (collective) module trains whenever anyone does
+                a = active.any().reshape(1).cpu()
+            t += a.double()
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            am = a.to(p.device).view(shape)
+            g = p.grad
+            m.copy_(torch.where(am, m * self.b1 + g * (1 - self.b1), m))
+            v.copy_(torch.where(am, v * self.b2 + g * g * (1 - self.b2), v))
+            tc = t.clamp(min=1)
+            bc1 = (1 - self.b1 ** tc).to(p.device, p.dtype).view(shape)
+            bc2 = (1 - self.b2 ** tc).to(p.device, p.dtype).view(shape)
+            upd = (m / bc1) / ((v / bc2).sqrt() + self.eps)
+            p.sub_(torch.where(am, self.lr * upd, torch.zeros_like(upd)))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def schedule(examples: list[TokenizedExample], epochs: int, batch_size: int, seed: int) -> list[list[tuple[int, int, list[int]]]]:
+    """steps[k] = the per-user batches of global step k, as (module, the user's epoch, example indices). Each user's
+    order is shuffled by a generator seeded with (seed, user id), so it never depends on the other users."""
+    by_user: dict[int, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_user.setdefault(ex.module, []).append(i)
+    per_user: list[list[tuple[int, int, list[int]]]] = []
+    for u, idx in sorted(by_user.items()):
+        rng = random.Random(f"{seed}:{examples[idx[0]].key}")
+        steps = []
+        for e in range(epochs):
+            order = idx[:]
+            rng.shuffle(order)
+            steps += [(u, e, order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
+        per_user.append(steps)
+    n = max((len(s) for s in per_user), default=0)
+    return [[s[k] for s in per_user if k < len(s)] for k in range(n)]
