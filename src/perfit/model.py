@@ -1,0 +1,365 @@
+"""`PerFitModel`: a frozen backbone, the collective shift (stage 1) and the store of personal shifts (stage 2) of one
+run. The one core that every command, the server and the benchmarks use, in the manner of peft's `PeftModel`:
+
+    pm = PerFitModel.from_run("output/movie_tagging/<run_dir>")       # no data files, no command line
+    pm.generate(["u0001", "new-user"], ["description: ... tag:", "..."])  # many users in one batch
+    pm.personalize({"new-user": [history items]})                     # batched stage 2, stored atomically
+    pm.forget("new-user")
+
+A run dir holds `config.json` (the RunConfig), `prompts.json` (the templates used), `task_reft/ckpt/` (the
+collective shift and the initial personal shift P0, with the config and data identity that made them) and `users/`
+(one personal shift per user).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+
+import torch
+from safetensors.torch import load_file
+
+from .backbone import Backbone, check_layers, load_backbone
+from .batching import tokenize_examples, tokenize_prompt
+from .config import RunConfig, artifact_keys, from_dict, parse_positions, to_dict
+from .data import DataError, validate_items, write_json_atomic
+from .errors import RunStateError
+from .generate import greedy_generate
+from .prompts import Example, PromptBuilder
+from .shifts import Shifter
+from .store import UserStore, history_digest, save_safetensors_atomic
+from .tasks import get_task
+from .train import TrainStats, train_shifts
+
+log = logging.getLogger("perfit")
+CONFIG_FILE = "config.json"
+PROMPTS_FILE = "prompts.json"
+CKPT = os.path.join("task_reft", "ckpt")
+USERS = "users"
+VARIANTS = ("zero_shot", "stage1", "perfit")
+
+
+class Generations(list):
+    """Generated texts in input order; `without_personal_shift` names the users that had no stored shift and got
+    the stage-1 shifts (the collective shift and the initial personal shift P0 every user starts from)."""
+
+    def __init__(self, texts, without_personal_shift=()):
+        super().__init__(texts)
+        self.without_personal_shift = list(without_personal_shift)
+
+
+def load_run_config(run_dir: str) -> RunConfig:
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise RunStateError(f"{path}: not a PerFit run dir (no {CONFIG_FILE}); make one with `perfit run` or `perfit stage1`")
+    with open(path, encoding="utf-8") as f:
+        return from_dict(RunConfig, json.load(f), where=path)
+
+
+def load_collective(ckpt_dir: str) -> tuple[Shifter, dict]:
+    """A stage-1 checkpoint on its own (its config.json says everything needed): the collective shift and P0."""
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(path):
+        raise RunStateError(f"{ckpt_dir}: no stage-1 checkpoint; run `perfit stage1` (or `perfit run`) first")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    sc = meta["shift"]
+    sh = Shifter(sc["hidden_size"], sc["layers"], sc["low_rank_dimension"], sc["user_low_rank_dimension"], 1, init=None)
+    sh.load_state_dict(load_file(os.path.join(ckpt_dir, "shifts.safetensors")))
+    return sh, meta
+
+
+class PerFitModel:
+    def __init__(self, cfg: RunConfig, backbone: Backbone, run_dir: str, fingerprints: dict[str, str] | None = None,
+                 prompts_file: str = "", max_cached_users: int = 1024):
+        self.cfg = cfg.resolved()
+        self.model, self.tok, self.info = backbone
+        check_layers(self.model, self.cfg.layers)
+        self.run_dir = run_dir
+        self.fingerprints = dict(fingerprints or {})
+        self.task = get_task(self.cfg.task_name)
+        self.builder = PromptBuilder(self.task, prompts_file or self.cfg.prompts_file or None, self.cfg.max_field_words,
+                                     bool(self.cfg.query_cue))
+        self.first, self.last = parse_positions(self.cfg.positions)
+        self.collective: Shifter | None = None  # collective modules + P0 (one personal module)
+        self.stage1_meta: dict = {}
+        self._store: UserStore | None = None
+        self._cached: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # user -> tensors on the device (LRU)
+        self.max_cached_users = max_cached_users
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_run(cls, run_dir: str, device: str | None = None, dtype: str | None = None, **kw) -> "PerFitModel":
+        """Load a finished run: the backbone named in its config, its collective shift and its user store. `device`
+        ("cpu", "cuda:0"; None: the run's GPU if CUDA is present, else the CPU) and `dtype` override the run's."""
+        cfg = load_run_config(run_dir)
+        if dtype:
+            cfg = dataclasses.replace(cfg, dtype=dtype)
+        backbone = load_backbone(cfg.model_path, cfg.dtype, cfg.cuda_device, cfg.model_name, device=device)
+        prompts = os.path.join(run_dir, PROMPTS_FILE)
+        pm = cls(cfg, backbone, run_dir, prompts_file=prompts if os.path.isfile(prompts) else "", **kw)
+        sh, meta = load_collective(os.path.join(run_dir, CKPT))
+        pm.fingerprints = meta.get("fingerprints", {})
+        pm._set_collective(sh, meta)
+        return pm
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def keys(self) -> dict[str, str]:
+        return artifact_keys(self.cfg, self.fingerprints)
+
+    def _set_collective(self, sh: Shifter, meta: dict) -> None:
+        self.collective = sh.to(self.device)
+        self.stage1_meta = meta
+        self._store = None
+        self._cached.clear()
+
+    def _require_collective(self) -> Shifter:
+        if self.collective is None:
+            raise RunStateError(f"{self.run_dir}: no collective shift yet; fit it (stage 1) first")
+        return self.collective
+
+    def save_config(self) -> None:
+        """The run's config and templates, so the run dir reloads with `from_run`."""
+        write_json_atomic(os.path.join(self.run_dir, CONFIG_FILE), to_dict(self.cfg))
+        write_json_atomic(os.path.join(self.run_dir, PROMPTS_FILE), {self.task.name: self.builder.tpl})
+
+    # ------------------------------------------------------------------ stage 1
+
+    def load_collective_if_current(self, overwrite: bool = False) -> bool:
+        """Load this run's stage-1 checkpoint if it was made with the current settings and data. A checkpoint made
+        otherwise is an error (it would orphan the users trained on it) unless `overwrite`."""
+        ckpt = os.path.join(self.run_dir, CKPT)
+        if not os.path.isfile(os.path.join(ckpt, "config.json")):
+            return False
+        sh, meta = load_collective(ckpt)
+        if meta.get("stage1_key") == self.keys()["stage1"]:
+            self._set_collective(sh, meta)
+            return True
+        if not overwrite:
+            raise RunStateError(f"{ckpt}: the stage-1 checkpoint was made with other settings or data "
+                                f"({_config_diff(meta.get('run_config', {}), to_dict(self.cfg))}); "
+                                f"use another --run_dir_name, or --overwrite 1 to retrain it and its users")
+        return False
+
+    def adopt_collective(self, ckpt_dir: str) -> bool:
+        """Reuse another run's stage-1 checkpoint (copied in) when it has this run's stage-1 key."""
+        sh, meta = load_collective(ckpt_dir)
+        if meta.get("stage1_key") != self.keys()["stage1"]:
+            return False
+        self._write_checkpoint(sh, meta)
+        self._set_collective(sh, meta)
+        return True
+
+    def fit_collective(self, examples: list[Example], desc: str = "stage 1") -> TrainStats:
+        """Stage 1: the collective shift and the initial personal shift P0 on all `examples` (other users' data),
+        saved to the run's checkpoint (atomically: a crash never leaves one that half-loads)."""
+        c = self.cfg
+        sh = Shifter(self.info.hidden_size, c.layers, c.low_rank_dimension, c.user_low_rank_dimension, 1, c.seed,
+                     c.shift_init).to(self.device)
+        ex = tokenize_examples(self.tok, examples, c.max_length)
+        for e in ex:
+            e.module, e.key = 0, "stage1"
+        with sh.attached(self.model):
+            stats = train_shifts(self.model, sh, ex, epochs=c.stage1_epochs, batch_size=c.batch_size, lr=c.lr,
+                                 train_collective=True, pad_id=self.tok.pad_token_id, first=self.first, last=self.last,
+                                 seed=c.seed, desc=desc, **self._train_kw())
+        log.info("%s: %d examples, %d steps, loss by epoch %s, %.1fs", desc, len(ex), stats.steps,
+                 [round(x, 4) for x in stats.epoch_losses], stats.seconds)
+        meta = {"stage1_key": self.keys()["stage1"], "fingerprints": self.fingerprints, "run_config": to_dict(c),
+                "shift": {"hidden_size": self.info.hidden_size, "layers": c.layers, "low_rank_dimension": c.low_rank_dimension,
+                          "user_low_rank_dimension": c.user_low_rank_dimension, "positions": c.positions},
+                "model": dataclasses.asdict(self.info),
+                "examples": len(ex), "train_seconds": stats.seconds, "stats": dataclasses.asdict(stats)}
+        self._write_checkpoint(sh, meta)
+        self._set_collective(sh, meta)
+        return stats
+
+    def _write_checkpoint(self, sh: Shifter, meta: dict) -> None:
+        ckpt = os.path.join(self.run_dir, CKPT)
+        parent = os.path.dirname(ckpt)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".ckpt-")
+        try:
+            save_safetensors_atomic(os.path.join(tmp, "shifts.safetensors"), sh.state_dict(), {"stage1_key": meta["stage1_key"]})
+            write_json_atomic(os.path.join(tmp, "config.json"), meta)
+            if os.path.isdir(ckpt):
+                shutil.rmtree(ckpt)
+            os.replace(tmp, ckpt)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _train_kw(self) -> dict:
+        c = self.cfg
+        return dict(max_rows=c.rows_per_pass, cache_max_bytes=c.cache_max_bytes, disk_cache_max_bytes=c.disk_cache_max_bytes,
+                    disk_cache_dir=c.disk_cache_dir or os.path.join(self.run_dir, "cache"))
+
+    # ------------------------------------------------------------------ the user store
+
+    def store_config(self) -> dict:
+        c = self.cfg
+        return {"key": self.keys()["users"], "stage1_key": self.keys()["stage1"],
+                "settings": {k: getattr(c, k) for k in ("task_name", "user_lr", "max_epoch", "batch_size", "seed",
+                                                         "max_history", "holdout", "low_rank_dimension",
+                                                         "user_low_rank_dimension", "intervene_layer", "positions")}}
+
+    def open_store(self, overwrite: bool = False) -> UserStore:
+        """The run's user store, checked against the current settings (a store made otherwise is an error unless
+        `overwrite`, which empties it)."""
+        root = os.path.join(self.run_dir, USERS)
+        try:
+            self._store = UserStore(root, self.store_config())
+        except RunStateError:
+            if not overwrite:
+                raise
+            log.info("--overwrite: emptying the user store %s made with other settings", root)
+            shutil.rmtree(root)
+            self._store = UserStore(root, self.store_config())
+        return self._store
+
+    @property
+    def store(self) -> UserStore:
+        if self._store is None:
+            root = os.path.join(self.run_dir, USERS)
+            self._store = UserStore(root) if os.path.isfile(os.path.join(root, "store_config.json")) else self.open_store()
+        return self._store
+
+    def has_user(self, user_id: str) -> bool:
+        return user_id in self.store
+
+    def personal_examples(self, user_id: str, items: list[dict]) -> list[Example]:
+        """What a user's personal shift trains on: its latest max_history history items as prompts."""
+        c = self.cfg
+        items = items[-c.max_history:] if c.max_history > 0 else items
+        return [self.builder.history_example(it, user_id) for it in items]
+
+    def is_current(self, user_id: str, items: list[dict]) -> bool:
+        """The user is stored and its shift was trained on exactly these items."""
+        return user_id in self.store and \
+            self.store.index[user_id].get("history_digest") == history_digest(self.personal_examples(user_id, items))
+
+    # ------------------------------------------------------------------ stage 2
+
+    def personalize(self, histories: dict[str, list[dict]], desc: str = "stage 2") -> dict[str, dict]:
+        """Train the personal shifts of these users on their history items (the task's item format), user_group_size
+        users at a time in one batched loop, each group stored as soon as it is done; a retrained user keeps its old
+        shift until the new one is stored. Returns {user_id: report}."""
+        sh1 = self._require_collective()
+        problems = []
+        for uid, items in histories.items():
+            if not isinstance(items, list) or not items:
+                problems.append(f"user {uid!r}: no history items to personalize on")
+            else:
+                problems += validate_items(items, f"user {uid!r}", self.task)
+        if problems:
+            raise DataError(problems)
+        c = self.cfg
+        store = self.store
+        todo = list(histories)
+        reports: dict[str, dict] = {}
+        for g in range(0, len(todo), c.user_group_size):
+            group = todo[g: g + c.user_group_size]
+            module_of = {u: k for k, u in enumerate(group)}
+            examples = {u: self.personal_examples(u, histories[u]) for u in group}
+            ex = tokenize_examples(self.tok, [e for u in group for e in examples[u]], c.max_length, module_of)
+            sh = sh1.spawn(len(group))
+            with sh.attached(self.model):
+                stats = train_shifts(self.model, sh, ex, epochs=c.max_epoch, batch_size=c.batch_size, lr=c.user_lr,
+                                     train_collective=False, pad_id=self.tok.pad_token_id, first=self.first, last=self.last,
+                                     seed=c.seed, desc=f"{desc} users {g + 1}-{g + len(group)}/{len(todo)}", **self._train_kw())
+            now = round(time.time(), 3)
+            info = {}
+            for u in group:
+                losses = stats.user_epoch_losses.get(module_of[u], [])
+                info[u] = {"items": len(histories[u]), "examples": len(examples[u]),
+                           "history_digest": history_digest(examples[u]), "epoch_losses": losses,
+                           "final_loss": losses[-1] if losses else None,
+                           "train_seconds": round(stats.seconds / len(group), 3), "trained_at": now}
+            store.put_many({u: sh.user_state(module_of[u]) for u in group}, info)
+            for u in group:
+                self._cached.pop(u, None)
+            reports.update(info)
+            log.info("%s: stored %d users (loss by epoch %s, %.1fs)", desc, len(group),
+                     [round(x, 4) for x in stats.epoch_losses], stats.seconds)
+        return reports
+
+    def forget(self, user_id: str) -> bool:
+        """Remove everything stored about a user (its shift and its record); its next query gets the stage-1 shifts.
+        Returns whether the user was stored."""
+        self._cached.pop(user_id, None)
+        return forget_user(self.run_dir, user_id, self.store)
+
+    # ------------------------------------------------------------------ generation
+
+    def _user_tensors(self, user_id: str) -> dict[str, torch.Tensor]:
+        t = self._cached.pop(user_id, None)
+        if t is None:
+            t = {k: v.to(self.device) for k, v in self.store.get(user_id).items()}
+        self._cached[user_id] = t
+        while len(self._cached) > self.max_cached_users:
+            self._cached.popitem(last=False)
+        return t
+
+    def prompt_ids(self, inputs: list[str], raw: bool = False, max_new_tokens: int | None = None) -> list[list[int]]:
+        """Token ids of the prompts: a task query gets the answer cue exactly as `perfit predict` applies it (a raw
+        prompt is used as given); the start is cut when prompt + answer would exceed max_length."""
+        limit = self.cfg.max_length - (max_new_tokens or self.task.max_new_tokens)
+        return [tokenize_prompt(self.tok, t if raw else self.builder.query_prompt(t), limit) for t in inputs]
+
+    def generate(self, user_ids: list[str], inputs: list[str], max_new_tokens: int | None = None, raw: bool = False,
+                 variant: str = "perfit", desc: str = "generating") -> Generations:
+        """Greedy answers, one per (user, input), many users in one batch. `variant`: perfit (the user's own shift on
+        top of the collective one; users without a stored shift get the stage-1 shifts and are named in the result's
+        `without_personal_shift`), stage1 (the stage-1 shifts for everyone) or zero_shot (no shift)."""
+        if len(user_ids) != len(inputs):
+            raise ValueError(f"{len(user_ids)} user ids for {len(inputs)} inputs")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant {variant!r}: choose from {', '.join(VARIANTS)}")
+        mnt = max_new_tokens or self.task.max_new_tokens
+        prompts = self.prompt_ids(inputs, raw, mnt)
+        kw = dict(max_new_tokens=mnt, batch_size=self.cfg.eval_batch_size, desc=desc)
+        if variant == "zero_shot":
+            return Generations(greedy_generate(self.model, self.tok, prompts, **kw))
+        sh1 = self._require_collective()
+        if variant == "stage1":
+            with sh1.attached(self.model):
+                return Generations(greedy_generate(self.model, self.tok, prompts, [0] * len(prompts), sh1, first=self.first,
+                                                   last=self.last, **kw))
+        out = [""] * len(prompts)
+        users = list(dict.fromkeys(user_ids))
+        unknown = [u for u in users if u not in self.store]
+        for g in range(0, len(users), self.cfg.user_group_size):
+            group = users[g: g + self.cfg.user_group_size]
+            known = [u for u in group if u not in unknown]
+            module_of = {u: 0 for u in group} | {u: k + 1 for k, u in enumerate(known)}  # module 0: P0
+            sh = sh1.spawn(len(known) + 1)
+            for u in known:
+                sh.load_user_state(module_of[u], self._user_tensors(u))
+            rows = [i for i, u in enumerate(user_ids) if u in module_of]
+            with sh.attached(self.model):
+                got = greedy_generate(self.model, self.tok, [prompts[i] for i in rows], [module_of[user_ids[i]] for i in rows],
+                                      sh, first=self.first, last=self.last, **kw)
+            for i, p in zip(rows, got):
+                out[i] = p
+        if unknown:
+            log.info("generate: %d users have no personal shift and got the stage-1 shifts: %s", len(unknown), unknown[:5])
+        return Generations(out, unknown)
+
+
+def forget_user(run_dir: str, user_id: str, store: UserStore | None = None) -> bool:
+    """`PerFitModel.forget` without loading a model (what `perfit forget` runs)."""
+    load_run_config(run_dir)  # a run dir, or a clear error
+    return (store or UserStore(os.path.join(run_dir, USERS))).delete(user_id)
+
+
+def _config_diff(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ("output_dir", "run_dir_name"))
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:5]) or "same settings, other data"
