@@ -1,21 +1,14 @@
 """Convert the official LaMP layout (one user per question) to the per-user layout."""
 from __future__ import annotations
 
-import json
 import os
 
 from ..tasks import get_task
-from .schema import LABEL_FILE, OTHERS_FILE, TEST_FILE, DataError, load_golds, write_json_atomic
+from .schema import LABEL_FILE, OTHERS_FILE, TEST_FILE, DataError, load_golds, read_json, write_json_atomic
 
 
 def _read_questions(path: str) -> list[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            qs = json.load(f)
-    except FileNotFoundError:
-        raise DataError([f"{path}: file not found"]) from None
-    except json.JSONDecodeError as e:
-        raise DataError([f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"]) from None
+    qs = read_json(path)
     problems = []
     if not isinstance(qs, list):
         raise DataError([f"{path}: must be a list of questions"])

@@ -5,6 +5,7 @@ and raised together as one `DataError`, before anything is trained or written.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from ..errors import PerFitError
 from ..tasks import LAMP_IDS, Task, get_task
 
 OTHERS_FILE = "user_others.json"
@@ -21,7 +23,7 @@ LABEL_FILE = "user_top_100_history_label.json"
 MAX_REPORTED = 30
 
 
-class DataError(ValueError):
+class DataError(PerFitError, ValueError):
     """Bad input data. `problems` lists every problem found, each naming file, user, item and field."""
 
     def __init__(self, problems: list[str]):
@@ -66,15 +68,17 @@ def umask_mode(path: str) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def write_json_atomic(path: str, obj: Any, indent: int | None = 1) -> None:
-    """Write JSON so that a crash never leaves a half-written file under `path`."""
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+    """Yields a temporary path beside `path`; on success it gets the usual file mode, is synced and renamed onto
+    `path` in one step, on failure it is removed: a crash never leaves a half-written file under `path`."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=indent)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         umask_mode(tmp)
         os.replace(tmp, path)
@@ -84,60 +88,38 @@ def write_json_atomic(path: str, obj: Any, indent: int | None = 1) -> None:
         raise
 
 
-def iter_json_array(path: str, chunk_size: int = 1 << 20) -> Iterator[Any]:
-    """Yield the elements of a top-level JSON array one at a time, reading the file in chunks."""
-    dec = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
-        buf, pos, consumed, eof = "", 0, 0, False
+def write_json_atomic(path: str, obj: Any, indent: int | None = 1) -> None:
+    with atomic_path(path, ".json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=indent)
 
-        def fill() -> bool:
-            nonlocal buf, pos, consumed, eof
-            if eof:
-                return False
-            chunk = f.read(chunk_size)
-            if not chunk:
-                eof = True
-                return False
-            consumed += pos
-            buf, pos = buf[pos:] + chunk, 0
-            return True
 
-        def skip_ws() -> str:
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n":
-                    pos += 1
-                if pos < len(buf):
-                    return buf[pos]
-                if not fill():
-                    return ""
+def iter_json_array(path: str) -> Iterator[Any]:
+    """Yield the elements of a top-level JSON array one at a time (ijson's C parser: memory stays bounded by the
+    largest element, whatever the file's size)."""
+    import ijson
 
-        def where() -> str:
-            return f"character {consumed + pos}"
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if not head.startswith(b"["):
+            raise DataError([f"{path}: malformed JSON: expected a list ('[') at the start"])
+        f.seek(0)
+        try:
+            yield from ijson.items(f, "item", use_float=True)
+        except ijson.JSONError as e:
+            detail = str(e).strip().splitlines()[0]
+            raise DataError([f"{path}: malformed JSON near byte {f.tell()}: {detail}"]) from None
 
-        if skip_ws() != "[":
-            raise DataError([f"{path}: malformed JSON: expected a list ('[') at {where()}"])
-        pos += 1
-        if skip_ws() == "]":
-            return
-        while True:
-            skip_ws()
-            while True:
-                try:
-                    obj, end = dec.raw_decode(buf, pos)
-                    break
-                except json.JSONDecodeError as e:
-                    if not fill():
-                        raise DataError([f"{path}: malformed JSON at character {consumed + e.pos}: {e.msg}"]) from None
-            pos = end
-            yield obj
-            c = skip_ws()
-            if c == ",":
-                pos += 1
-            elif c == "]":
-                return
-            else:
-                raise DataError([f"{path}: malformed JSON: expected ',' or ']' at {where()}"])
+
+def read_json(path: str, what: str = "") -> Any:
+    """A whole (small) JSON file; a missing or malformed one is a DataError naming it (`what`: e.g. the flag)."""
+    name = f"{what} {path}" if what else path
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError([f"{name}: file not found"]) from None
+    except json.JSONDecodeError as e:
+        raise DataError([f"{name}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"]) from None
 
 
 def _as_id(value: Any) -> str | None:
@@ -161,25 +143,13 @@ def _check_str(problems: list[str], where: str, obj: dict, key: str, allow_empty
     return v
 
 
-def _validate_user(raw: Any, idx: int, path: str, task: Task, role: str, problems: list[str]) -> User | None:
-    if not isinstance(raw, dict):
-        problems.append(f"{path}: user #{idx}: must be an object, got {type(raw).__name__}")
-        return None
-    uid = _as_id(raw.get("user_id"))
-    if uid is None:
-        problems.append(f"{path}: user #{idx}: field 'user_id' missing or not a string")
-        return None
-    here = f"{path}: user {uid!r}"
-    n0 = len(problems)
-    profile = raw.get("profile")
-    if not isinstance(profile, list):
-        problems.append(f"{here}: field 'profile' missing or not a list")
-        profile = []
-    elif not profile and role == "test":
-        problems.append(f"{here}: field 'profile' is empty (a test user needs history to personalize on)")
+def validate_items(items: list, where: str, task: Task) -> list[str]:
+    """Problems of a list of history items (each an object with a unique id and the task's fields, a
+    classification target from the label set). Integer ids become strings in place."""
+    problems: list[str] = []
     item_ids: set[str] = set()
-    for i, item in enumerate(profile):
-        w = f"{here} profile item {i}"
+    for i, item in enumerate(items):
+        w = f"{where} profile item {i}"
         if not isinstance(item, dict):
             problems.append(f"{w}: must be an object, got {type(item).__name__}")
             continue
@@ -195,13 +165,33 @@ def _validate_user(raw: Any, idx: int, path: str, task: Task, role: str, problem
             v = _check_str(problems, w, item, key, allow_empty=(key != task.target_field))
             if v is not None and task.is_classification and key == task.target_field and v not in task.labels:
                 problems.append(f"{w}: field {key!r} value {v!r} is not one of the task's {len(task.labels)} labels")
+    return problems
+
+
+def _list_field(raw: dict, key: str, here: str, role: str, why: str, problems: list[str]) -> list:
+    v = raw.get(key)
+    if not isinstance(v, list):
+        problems.append(f"{here}: field {key!r} missing or not a list")
+        return []
+    if not v and role == "test":
+        problems.append(f"{here}: field {key!r} is empty ({why})")
+    return v
+
+
+def _validate_user(raw: Any, idx: int, path: str, task: Task, role: str, problems: list[str]) -> User | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: user #{idx}: must be an object, got {type(raw).__name__}")
+        return None
+    uid = _as_id(raw.get("user_id"))
+    if uid is None:
+        problems.append(f"{path}: user #{idx}: field 'user_id' missing or not a string")
+        return None
+    here = f"{path}: user {uid!r}"
+    n0 = len(problems)
+    profile = _list_field(raw, "profile", here, role, "a test user needs history to personalize on", problems)
+    problems += validate_items(profile, here, task)
     queries: list[Query] = []
-    rawq = raw.get("query")
-    if not isinstance(rawq, list):
-        problems.append(f"{here}: field 'query' missing or not a list")
-        rawq = []
-    elif not rawq and role == "test":
-        problems.append(f"{here}: field 'query' is empty (nothing to predict)")
+    rawq = _list_field(raw, "query", here, role, "nothing to predict", problems)
     for j, q in enumerate(rawq):
         w = f"{here} query {j}"
         if not isinstance(q, dict):
@@ -228,14 +218,14 @@ def _validate_user(raw: Any, idx: int, path: str, task: Task, role: str, problem
 
 
 def load_users(path: str, task: Task, role: str = "test") -> Iterator[User]:
-    """Stream the users of a per-user file, validating each. Raises DataError listing all problems,
-    after the whole file was read (so nothing downstream ever acts on a partly valid file)."""
+    """Stream the users of a per-user file, validating each, in one pass with bounded memory. Users are yielded
+    while the file is valid so far; every problem is gathered and raised as one DataError at the end, so a consumer
+    that acts only once the iteration is done never acts on a partly valid file."""
     if not os.path.isfile(path):
         raise DataError([f"{path}: file not found"])
     problems: list[str] = []
     seen_users: set[str] = set()
     seen_queries: dict[str, str] = {}
-    users: list[User] = []
     for idx, raw in enumerate(iter_json_array(path)):
         u = _validate_user(raw, idx, path, task, role, problems)
         if u is None:
@@ -249,21 +239,14 @@ def load_users(path: str, task: Task, role: str = "test") -> Iterator[User]:
                 problems.append(f"{path}: user {u.user_id!r}: query id {q.id!r} also used by user {seen_queries[q.id]!r}")
             seen_queries[q.id] = u.user_id
         if not problems:
-            users.append(u)
+            yield u
     if problems:
         raise DataError(problems)
-    yield from users
 
 
 def load_golds(path: str, task: Task | None = None) -> tuple[str, dict[str, str]]:
     """Read a LaMP label file {task, golds: [{id, output}]}; returns (task name, {id: output})."""
-    if not os.path.isfile(path):
-        raise DataError([f"{path}: file not found"])
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError([f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"]) from None
+    data = read_json(path)
     problems: list[str] = []
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
         raise DataError([f"{path}: must be an object with a list field 'golds'"])
@@ -334,7 +317,8 @@ def data_fingerprint(paths: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def summarize(td: TaskData, others: list[User] | None = None) -> dict:
+def summarize(td: TaskData, others: Iterator[User] | None = None) -> dict:
+    """Counts of the test users and, streamed, of the other users."""
     items = [len(u.profile) for u in td.test_users]
     summary: dict[str, Any] = {
         "task": td.task.name,
@@ -346,6 +330,10 @@ def summarize(td: TaskData, others: list[User] | None = None) -> dict:
     if td.task.is_classification:
         summary["gold_labels"] = dict(Counter(td.golds[q.id] for u in td.test_users for q in u.query).most_common())
     if others is not None:
-        summary["other_users"] = len(others)
-        summary["other_examples"] = sum(len(u.profile) + sum(1 for q in u.query if q.gold) for u in others)
+        n_users = n_examples = 0
+        for u in others:
+            n_users += 1
+            n_examples += len(u.profile) + sum(1 for q in u.query if q.gold)
+        summary["other_users"] = n_users
+        summary["other_examples"] = n_examples
     return summary

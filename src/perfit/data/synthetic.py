@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 
+from ..errors import ConfigError
 from ..prompts import PromptBuilder
 from ..tasks import get_task
 from .schema import LABEL_FILE, OTHERS_FILE, TEST_FILE, write_json_atomic
@@ -127,13 +128,14 @@ def generate(task_name: str, output_dir: str, num_users: int = 20, history_per_u
     task = get_task(task_name)
     for name, v in (("num_users", num_users), ("history_per_user", history_per_user), ("queries_per_user", queries_per_user)):
         if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
+            raise ConfigError(f"--{name} must be >= 1, got {v}")
     if num_other_users < 0:
-        raise ValueError(f"num_other_users must be >= 0, got {num_other_users}")
+        raise ConfigError(f"--num_other_users must be >= 0, got {num_other_users}")
     rng = random.Random(f"{task_name}:{seed}")
     pb = PromptBuilder(task)
     vocab, frames = (MOVIE_VOCAB, MOVIE_FRAMES) if task_name == "movie_tagging" else (NEWS_VOCAB, NEWS_FRAMES)
     manifest: dict = {"task": task_name, "seed": seed, "users": {}, "queries": {}}
+    used: set[str] = set()
 
     def make_user(uid: str, test: bool) -> dict:
         if task.is_classification:
@@ -145,15 +147,20 @@ def generate(task_name: str, output_dir: str, num_users: int = 20, history_per_u
         items = []
         for k in range(history_per_user + queries_per_user):
             iid = f"{uid}-{k}"
+            for _ in range(1000):  # every item text is new: a query's text never reappears as someone's history
+                if task.is_classification:
+                    text, gold, cands = _classification_item(rng, task_name, prefs, vocab, frames)
+                else:
+                    (text, title), cands = _headline_item(rng, style), None
+                if text not in used:
+                    break
+            used.add(text)
             if task_name == "movie_tagging":
-                text, gold, cands = _classification_item(rng, task_name, prefs, vocab, frames)
                 items.append(({"id": iid, "description": text, "tag": gold}, cands))
             elif task_name == "news_categorize":
-                text, gold, cands = _classification_item(rng, task_name, prefs, vocab, frames)
                 title = text.split(",")[0].split(":")[0][:60]
                 items.append(({"id": iid, "text": text, "title": title, "category": gold}, cands))
             else:
-                text, title = _headline_item(rng, style)
                 items.append(({"id": iid, "text": text, "title": title}, None))
         profile = [dict(it, date=f"2020-01-{1 + k % 28:02d}") for k, (it, _) in enumerate(items[:history_per_user])]
         queries = []
