@@ -1,4 +1,5 @@
-"""The `perfit` command: parses flags and calls library functions; no logic of its own."""
+"""The `perfit` command: parses flags and calls library functions; no logic of its own. User errors (bad flags, bad
+data, a run dir in another state) print one line and exit 2; anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -9,21 +10,24 @@ import os
 import sys
 
 from .config import CompareConfig, RunConfig
+from .errors import PerFitError
 from .tasks import TASKS
 
 RUN_COMMANDS = {
     "run": "the whole pipeline: stage 1, stage 2, predictions and metrics for zero_shot, stage1 and perfit",
     "stage1": "train (or reuse) the collective shift only",
     "stage2": "train the personal shifts into the user store (needs the stage-1 checkpoint)",
-    "predict": "predict and evaluate from a stored stage-1 checkpoint and user store",
+    "predict": "predict and evaluate from a stored stage-1 checkpoint and user store (--run_dir R: settings from the run)",
 }
 
 
 def _add_config_flags(p: argparse.ArgumentParser, cls=RunConfig) -> None:
+    """One flag per config field. Defaults are left out of the namespace, so that the flags a user gave are known
+    (they override a run's saved config)."""
     for f in dataclasses.fields(cls):
-        typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         kw = {"choices": list(TASKS)} if f.name == "task_name" else {}
-        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"{f.metadata['help']} (default: {f.default!r})", **kw)
+        p.add_argument(f"--{f.name}", type=type(f.default), default=argparse.SUPPRESS,
+                       help=f"{f.metadata['help']} (default: {f.default!r})", **kw)
     p.add_argument("-q", "--quiet", action="store_true", help="Only warnings and the final summary.")
 
 
@@ -31,9 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="perfit", description="Personalize a frozen LLM with collective + personal low-rank shifts.")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, help in RUN_COMMANDS.items():
-        _add_config_flags(sub.add_parser(name, help=help, description=help))
+        p = sub.add_parser(name, help=help, description=help)
+        _add_config_flags(p)
+        if name == "predict":
+            p.add_argument("--run_dir", default="", help="A run dir made by `perfit run`: its config gives every setting "
+                                                         "(flags given here override them).")
     help = "run PerFit and its peers (OPPU, task LoRA, RAG, ...) on the same users; writes comparison.{json,md,png}"
     _add_config_flags(sub.add_parser("compare", help=help, description=help), CompareConfig)
+    help = "answer one user's input with a finished run (settings from the run's config)"
+    p = sub.add_parser("generate", help=help, description=help)
+    p.add_argument("--run_dir", required=True, help="A run dir made by `perfit run` (or stage1 + stage2).")
+    p.add_argument("--user_id", required=True, help="The user whose personal shift applies (unknown: the stage-1 shifts).")
+    p.add_argument("--input", required=True, help="A task query (the answer cue is added as `perfit predict` does).")
+    p.add_argument("--raw", action="store_true", help="Use --input as the prompt exactly as given.")
+    p.add_argument("--max_new_tokens", type=int, default=0, help="Answer length (0: the task's).")
+    p.add_argument("--device", default="", help="cpu, cuda or cuda:N (default: the run's GPU if CUDA is present).")
+    help = "train (or retrain) personal shifts of users from a history file into a finished run's store"
+    p = sub.add_parser("personalize", help=help, description=help)
+    p.add_argument("--run_dir", required=True)
+    p.add_argument("--history", required=True,
+                   help="JSON file: a list of users [{user_id, profile: [history items]}] (the per-user layout).")
+    p.add_argument("--device", default="")
+    help = "remove everything stored about a user from a run (its shift and its record)"
+    p = sub.add_parser("forget", help=help, description=help)
+    p.add_argument("--run_dir", required=True)
+    p.add_argument("--user_id", required=True)
     p = sub.add_parser("make-data", help="generate LaMP-format data with known per-user preferences")
     p.add_argument("--task_name", required=True, choices=list(TASKS))
     p.add_argument("--output_dir", required=True)
@@ -60,17 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _given(args, cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
 def _config(args, cls=RunConfig):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    return cls(**_given(args, cls))
+
+
+def _read_histories(path: str) -> dict[str, list]:
+    from .data import DataError
+    from .data.schema import read_json
+
+    users = read_json(path, "--history")
+    if not isinstance(users, list) or not all(isinstance(u, dict) and isinstance(u.get("user_id"), (str, int))
+                                              and isinstance(u.get("profile"), list) for u in users):
+        raise DataError([f"--history {path}: expected a list of {{user_id, profile: [history items]}}"])
+    return {str(u["user_id"]): u["profile"] for u in users}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="[perfit] %(message)s", stream=sys.stderr)
-    from . import pipeline
     from .data import DataError, load_task_data, summarize
 
+    if args.command in RUN_COMMANDS:
+        from . import pipeline  # torch comes in here: the data commands run without it
     try:
         if args.command == "run":
             res = pipeline.run(_config(args))
@@ -81,7 +123,33 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stage2":
             print(pipeline.stage2_only(_config(args)))
         elif args.command == "predict":
-            print(pipeline.summary_table(pipeline.predict_only(_config(args))))
+            if args.run_dir:
+                from .model import load_run_config
+
+                cfg = dataclasses.replace(load_run_config(args.run_dir), **_given(args, RunConfig))
+                res = pipeline.predict_only(cfg, run_dir=args.run_dir)
+            else:
+                res = pipeline.predict_only(_config(args))
+            print(pipeline.summary_table(res))
+        elif args.command == "generate":
+            from .model import PerFitModel
+
+            pm = PerFitModel.from_run(args.run_dir, device=args.device or None)
+            out = pm.generate([args.user_id], [args.input], max_new_tokens=args.max_new_tokens or None, raw=args.raw)
+            if out.without_personal_shift:
+                print(f"perfit: user {args.user_id!r} has no personal shift in {args.run_dir}: the stage-1 shifts answered",
+                      file=sys.stderr)
+            print(out[0])
+        elif args.command == "personalize":
+            from .model import PerFitModel
+
+            histories = _read_histories(args.history)
+            pm = PerFitModel.from_run(args.run_dir, device=args.device or None)
+            print(json.dumps(pm.personalize(histories), indent=1))
+        elif args.command == "forget":
+            from .model import forget_user
+
+            print(json.dumps({"user_id": args.user_id, "removed": forget_user(args.run_dir, args.user_id)}))
         elif args.command == "compare":
             from .compare import compare
 
@@ -99,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                                           args.num_test_users, args.others_questions, args.others_outputs)))
         elif args.command == "validate-data":
             td = load_task_data(args.data_dir, args.task_name)
-            print(json.dumps(summarize(td, list(td.iter_others())), indent=1))
+            print(json.dumps(summarize(td, td.iter_others()), indent=1))
         elif args.command == "evaluate":
             from .metrics import evaluate_files
 
@@ -107,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"perfit: invalid data:\n{e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except PerFitError as e:
         print(f"perfit: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,13 +2,15 @@
 
 Every method runs in its own process by default (its peak memory is then its own and no method can leave the
 model changed for the next), writes `<output_dir>/methods/<method>.json` atomically, and is skipped on a rerun
-with the same settings. The report is `comparison.json`, `comparison.md` and `comparison.png`.
+whose settings would not change it (the record's key is derived from the settings' declared effects). PerFit's
+methods run through `PerFitModel`; the peers' trained parts (task LoRA, OPPU's per-user LoRAs) are stored under
+`<output_dir>/<task>/baselines/`, keyed the same way, so changing a shift setting never retrains them.
+The report is `comparison.json`, `comparison.md` and `comparison.png`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -20,22 +22,14 @@ import time
 
 import torch
 
-from . import metrics
-from .config import METHODS, CompareConfig, from_dict, to_dict
-from .data import data_fingerprint, write_json_atomic
+from . import metrics, pipeline
+from .backbone import load_backbone
+from .config import METHODS, CompareConfig, artifact_keys, from_dict, to_dict
+from .data import write_json_atomic
+from .generate import greedy_generate
+from .model import PerFitModel
 
 log = logging.getLogger("perfit")
-
-WHAT = {
-    "user_majority": "no model: the user's most frequent label (headlines: title of the BM25-closest history article)",
-    "zero_shot": "the frozen model, prompt only",
-    "rag": "BM25 top-k of the user's history in the prompt (LaMP's retrieval baseline)",
-    "task_lora": "one LoRA (peft) on all other users, no per-user part",
-    "oppu": "task LoRA merged, then one LoRA per user on that user's history only",
-    "stage1": "PerFit stage 1: collective shift + the shared initial personal module P0",
-    "perfit": "collective shift + each user's personal shift",
-    "perfit_stage2_only": "personal shift of rank LRank+ULRank per user from scratch, no stage 1",
-}
 
 
 def peak_mib(device: torch.device | None = None) -> float:
@@ -44,17 +38,11 @@ def peak_mib(device: torch.device | None = None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _bytes_of(t: dict[str, torch.Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in t.values())
-
-
-def _record(ctx, method: str, preds: list[str], qids: list[str], **cost) -> dict:
-    golds = {q.id: ctx.data.golds[q.id] for u in ctx.data.test_users for q in u.query}
-    n_users = len(ctx.data.test_users)
-    device = next(ctx.model.parameters()).device if ctx.model is not None else None
-    rec = {"method": method, "what": WHAT[method], "metrics": metrics.evaluate(ctx.data.task, golds, dict(zip(qids, preds))),
-           "users": n_users, "queries": len(qids), "params_shared": 0, "params_per_user": 0, "bytes_per_user": 0,
-           "train_seconds_shared": 0.0, "train_seconds_per_user": 0.0, "generate_seconds_per_query": 0.0}
+def _record(exp, method: str, preds: list[str], device=None, **cost) -> dict:
+    qids, _, _ = exp.queries
+    rec = {"method": method, "what": REGISTRY[method][0], "metrics": metrics.evaluate(exp.data.task, exp.golds, dict(zip(qids, preds))),
+           "users": len(exp.data.test_users), "queries": len(qids), "params_shared": 0, "params_per_user": 0,
+           "bytes_per_user": 0, "train_seconds_shared": 0.0, "train_seconds_per_user": 0.0, "generate_seconds_per_query": 0.0}
     rec.update(cost)
     rec["peak_memory_mib"] = round(peak_mib(device), 1)
     rec["device"] = str(device) if device is not None else "cpu (no model)"
@@ -64,175 +52,211 @@ def _record(ctx, method: str, preds: list[str], qids: list[str], **cost) -> dict
     return rec
 
 
-def run_method(cfg: CompareConfig, method: str) -> dict:
-    """Train (if needed) and evaluate one method; returns its record."""
-    from . import pipeline
+def _baseline_dir(exp, artifact: str) -> str:
+    key = artifact_keys(exp.cfg, exp.fingerprints)[artifact]
+    return os.path.join(exp.cfg.output_dir, exp.cfg.task_name, "baselines", f"{artifact}-{key}")
+
+
+def _shift_settings(c) -> dict:
+    return {"lr": c.lr, "user_lr": c.user_lr, "stage1_epochs": c.stage1_epochs, "max_epoch": c.max_epoch,
+            "low_rank_dimension": c.low_rank_dimension, "user_low_rank_dimension": c.user_low_rank_dimension,
+            "layers": c.intervene_layer, "positions": c.positions, "shift_init": c.shift_init, "query_cue": c.query_cue}
+
+
+def _timed_generate(pm: PerFitModel, exp, inputs=None, **kw) -> tuple[list[str], float]:
+    qids, owners, qinputs = exp.queries
+    t0 = time.perf_counter()
+    preds = pm.generate(owners, inputs or qinputs, **kw)
+    return list(preds), (time.perf_counter() - t0) / len(qids)
+
+
+# ---------------------------------------------------------------- the methods
+
+def _user_majority(exp, cfg) -> dict:
     from .baselines import retrieval
 
-    ctx = pipeline.prepare(cfg, load_model=method != "user_majority")
-    c, task = ctx.cfg, ctx.data.task
-    qids = [q.id for u in ctx.data.test_users for q in u.query]
-    if method == "user_majority":
-        t0 = time.perf_counter()
-        preds = []
-        for u in ctx.data.test_users:
-            items = pipeline.history_items(ctx, u)
-            index = None if task.is_classification else retrieval.UserIndex(task, items)
-            preds += [retrieval.majority_answer(task, items, q.input, index) for q in u.query]
-        return _record(ctx, method, preds, qids, generate_seconds_per_query=(time.perf_counter() - t0) / len(qids))
-    from .predict import greedy_generate
-    from .train.batching import tokenize_prompt
-
-    gen = dict(max_new_tokens=task.max_new_tokens, batch_size=c.eval_batch_size)
-    limit = c.max_length - task.max_new_tokens
-    _, prompts, owners = pipeline._query_prompts(ctx)
-    n_users = len(ctx.data.test_users)
-    if method in ("zero_shot", "rag"):
-        if method == "rag":
-            prompts = []
-            for u in ctx.data.test_users:
-                index = retrieval.UserIndex(task, pipeline.history_items(ctx, u))
-                prompts += [tokenize_prompt(ctx.tok, retrieval.rag_prompt(task, ctx.builder.query_prompt(q.input), index.top(q.input, c.rag_k),
-                                                                  c.rag_item_words), limit)
-                            for q in u.query]
-        t0 = time.perf_counter()
-        preds = greedy_generate(ctx.model, ctx.tok, prompts, desc=method, **gen)
-        return _record(ctx, method, preds, qids, generate_seconds_per_query=(time.perf_counter() - t0) / len(qids),
-                       settings={"rag_k": c.rag_k, "rag_item_words": c.rag_item_words} if method == "rag" else {})
-    if method in ("stage1", "perfit"):
-        stage1 = pipeline.run_stage1(ctx)
-        store = pipeline.run_stage2(ctx, stage1) if method == "perfit" else None
-        ctx.timings.pop(f"{method}_predict_seconds", None)
-        preds_by_id = pipeline.predict_variants(ctx, stage1, store, [method])[method]
-        s1 = ctx.timings.get("stage1_train_seconds", 0.0)
-        per_user = stage1.personal_parameters()
-        cost = {"params_shared": stage1.collective_parameters() + per_user, "train_seconds_shared": s1,
-                "generate_seconds_per_query": ctx.timings[f"{method}_predict_seconds"] / len(qids),
-                "settings": {"lr": c.lr, "user_lr": c.user_lr, "stage1_epochs": c.stage1_epochs, "max_epoch": c.max_epoch,
-                             "low_rank_dimension": c.low_rank_dimension, "user_low_rank_dimension": c.user_low_rank_dimension,
-                             "layers": c.intervene_layer, "positions": c.positions, "shift_init": c.shift_init,
-                             "query_cue": c.query_cue}}
-        if store is not None:
-            cost |= {"params_per_user": per_user, "bytes_per_user": store.bytes_per_user(),
-                     "train_seconds_per_user": sum(store.index[u.user_id]["train_seconds"] for u in ctx.data.test_users) / n_users}
-        return _record(ctx, method, [preds_by_id[q] for q in qids], qids, **cost)
-    if method == "perfit_stage2_only":
-        return _stage2_only(ctx, prompts, owners, qids)
-    return _lora_method(ctx, method, prompts, owners, qids)
-
-
-def _stage2_only(ctx, prompts, owners, qids) -> dict:
-    from . import pipeline
-    from .shifts import Shifter
-    from .store import UserStore
-
-    c = ctx.cfg
-    rank = c.low_rank_dimension + c.user_low_rank_dimension
-    device = next(ctx.model.parameters()).device
-
-    def make(n: int) -> Shifter:
-        sh = Shifter(ctx.info.hidden_size, c.layers, 0, rank, n, c.seed, c.shift_init)
-        sh.set_all_personal(sh)  # every user starts from the same random module
-        return sh.to(device)
-
-    store = UserStore(os.path.join(ctx.run_dir, "stage2_only_users"),
-                      {"hidden_size": ctx.info.hidden_size, "layers": c.layers, "user_low_rank_dimension": rank,
-                       "positions": c.positions, "max_epoch": c.max_epoch, "user_lr": c.user_lr, "batch_size": c.batch_size,
-                       "shift_init": c.shift_init,
-                       "max_history": c.max_history, "seed": c.seed, "task_name": c.task_name, "data": ctx.stage1_key})
-    pipeline.train_personal(ctx, store, make, label="stage-2-only")
     t0 = time.perf_counter()
-    preds = pipeline.predict_personal(ctx, store, make, prompts, owners, desc="stage-2-only")
-    n = len(ctx.data.test_users)
-    return _record(ctx, "perfit_stage2_only", preds, qids, params_per_user=make(1).personal_parameters(),
-                   bytes_per_user=store.bytes_per_user(), generate_seconds_per_query=(time.perf_counter() - t0) / len(qids),
-                   train_seconds_per_user=sum(store.index[u.user_id]["train_seconds"] for u in ctx.data.test_users) / n,
+    preds = []
+    for u in exp.data.test_users:
+        items = pipeline.history_items(exp.cfg, u)
+        index = None if exp.data.task.is_classification else retrieval.UserIndex(exp.data.task, items)
+        preds += [retrieval.majority_answer(exp.data.task, items, q.input, index) for q in u.query]
+    return _record(exp, "user_majority", preds, generate_seconds_per_query=(time.perf_counter() - t0) / len(preds))
+
+
+def _zero_shot(exp, cfg) -> dict:
+    pm = pipeline.open_model(exp)
+    preds, gen_s = _timed_generate(pm, exp, variant="zero_shot", desc="zero_shot")
+    return _record(exp, "zero_shot", preds, pm.device, generate_seconds_per_query=gen_s)
+
+
+def _rag(exp, cfg) -> dict:
+    from .baselines import retrieval
+
+    pm = pipeline.open_model(exp)
+    task = exp.data.task
+    prompts = []
+    for u in exp.data.test_users:
+        index = retrieval.UserIndex(task, pipeline.history_items(exp.cfg, u))
+        prompts += [retrieval.rag_prompt(task, pm.builder.query_prompt(q.input), index.top(q.input, cfg.rag_k), cfg.rag_item_words)
+                    for q in u.query]
+    preds, gen_s = _timed_generate(pm, exp, prompts, raw=True, variant="zero_shot", desc="rag")
+    return _record(exp, "rag", preds, pm.device, generate_seconds_per_query=gen_s,
+                   settings={"rag_k": cfg.rag_k, "rag_item_words": cfg.rag_item_words})
+
+
+def _stage1(exp, cfg) -> dict:
+    pm = pipeline.open_model(exp)
+    pipeline.ensure_stage1(exp, pm)
+    preds, gen_s = _timed_generate(pm, exp, variant="stage1", desc="stage1")
+    sh = pm.collective
+    return _record(exp, "stage1", preds, pm.device, params_shared=sh.collective_parameters() + sh.personal_parameters(),
+                   train_seconds_shared=exp.timings["stage1_train_seconds"], generate_seconds_per_query=gen_s,
+                   settings=_shift_settings(exp.cfg))
+
+
+def _personal_cost(exp, pm: PerFitModel) -> dict:
+    n = len(exp.data.test_users)
+    return {"params_per_user": pm.collective.personal_parameters(), "bytes_per_user": pm.store.bytes_per_user(),
+            "train_seconds_per_user": sum(pm.store.index[u.user_id]["train_seconds"] for u in exp.data.test_users) / n}
+
+
+def _perfit(exp, cfg) -> dict:
+    pm = pipeline.open_model(exp)
+    pipeline.ensure_stage1(exp, pm)
+    pipeline.ensure_users(exp, pm)
+    preds, gen_s = _timed_generate(pm, exp, variant="perfit", desc="perfit")
+    sh = pm.collective
+    return _record(exp, "perfit", preds, pm.device, params_shared=sh.collective_parameters() + sh.personal_parameters(),
+                   train_seconds_shared=exp.timings["stage1_train_seconds"], generate_seconds_per_query=gen_s,
+                   settings=_shift_settings(exp.cfg), **_personal_cost(exp, pm))
+
+
+def _stage2_only(exp, cfg) -> dict:
+    """The paper's ablation: a personal shift of rank LRank+ULRank per user, from one random start, no stage 1. It is
+    PerFit with no collective shift and a stage 1 of zero epochs (which only initialises P0)."""
+    c = exp.cfg
+    rank = c.low_rank_dimension + c.user_low_rank_dimension
+    sub = dataclasses.replace(exp, cfg=dataclasses.replace(c, low_rank_dimension=0, user_low_rank_dimension=rank, stage1_epochs=0),
+                              run_dir=_baseline_dir(exp, "stage2_only"), timings={})
+    pm = pipeline.open_model(sub)
+    pipeline.ensure_stage1(sub, pm)
+    pipeline.ensure_users(sub, pm, label="stage-2-only")
+    preds, gen_s = _timed_generate(pm, sub, variant="perfit", desc="stage-2-only")
+    return _record(exp, "perfit_stage2_only", preds, pm.device, generate_seconds_per_query=gen_s, **_personal_cost(sub, pm),
                    settings={"user_lr": c.user_lr, "max_epoch": c.max_epoch, "rank": rank, "layers": c.intervene_layer,
                              "positions": c.positions, "shift_init": c.shift_init})
 
 
-def _task_lora(ctx):
-    """The task LoRA trained on every stage-1 example, or loaded when already trained with the same settings.
+def _task_lora_model(exp, cfg, backbone):
+    """The task LoRA trained on every stage-1 example, or loaded when already trained with the same key.
     Returns (peft model, seconds it took to train)."""
     from safetensors.torch import load_file
 
     from .baselines import lora
+    from .batching import tokenize_examples
     from .store import save_safetensors_atomic
-    from .train import tokenize_examples
 
-    c = ctx.cfg
-    pm = lora.add_lora(ctx.model, c.lora_rank, c.lora_alpha, c.lora_targets, c.seed)
-    folder = os.path.join(ctx.run_dir, "task_lora")
-    # what the task LoRA depends on: the stage-1 data and its sampling, the model, the LoRA settings (not the shifts')
-    shared = [getattr(c, k) for k in ("task_name", "model_name", "model_path", "dtype", "seed", "batch_size", "stage1_epochs",
-                                      "max_stage1_examples", "max_field_words", "max_length", "prompts_file", "query_cue")]
-    key = hashlib.sha256(json.dumps([data_fingerprint([ctx.data.others_path]), shared, c.lora_rank, c.lora_alpha,
-                                     c.lora_targets, c.lora_lr]).encode()).hexdigest()[:16]
+    model, tok, _ = backbone
+    pm = lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
+    folder = _baseline_dir(exp, "task_lora")
     meta_path = os.path.join(folder, "config.json")
     if os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-        if meta.get("key") == key:
-            lora.load_adapter(pm, load_file(os.path.join(folder, "adapter.safetensors")))
-            return pm, meta["train_seconds"]
-    ex = tokenize_examples(ctx.tok, ctx.stage1_examples, c.max_length)
-    stats = lora.train_lm(ctx.model, ex, epochs=c.stage1_epochs, batch_size=c.batch_size, lr=c.lora_lr,
-                          pad_id=ctx.tok.pad_token_id, seed=c.seed, key="task", desc="task LoRA")
+        lora.load_adapter(pm, load_file(os.path.join(folder, "adapter.safetensors")))
+        return pm, meta["train_seconds"]
+    ex = tokenize_examples(tok, pipeline.scan_training_data(exp, collect=True), cfg.max_length)
+    stats = lora.train_lm(model, ex, epochs=cfg.stage1_epochs, batch_size=cfg.batch_size, lr=cfg.lora_lr,
+                          pad_id=tok.pad_token_id, seed=cfg.seed, key="task", desc="task LoRA")
     log.info("task LoRA: %d examples, loss %.3f -> %.3f, %.1fs", len(ex), stats["first_loss"], stats["last_loss"], stats["seconds"])
-    save_safetensors_atomic(os.path.join(folder, "adapter.safetensors"), lora.adapter_state(pm), {"key": key})
-    write_json_atomic(meta_path, {"key": key, "train_seconds": stats["seconds"], "stats": stats, "peft_config": pm.peft_config["default"].to_dict() | {"target_modules": sorted(pm.peft_config["default"].target_modules)},
-                                  "run_config": to_dict(c)})
+    save_safetensors_atomic(os.path.join(folder, "adapter.safetensors"), lora.adapter_state(pm), {})
+    peft_cfg = pm.peft_config["default"].to_dict() | {"target_modules": sorted(pm.peft_config["default"].target_modules)}
+    write_json_atomic(meta_path, {"train_seconds": stats["seconds"], "stats": stats, "peft_config": peft_cfg, "run_config": to_dict(cfg)})
     return pm, stats["seconds"]
 
 
-def _lora_method(ctx, method: str, prompts, owners, qids) -> dict:
+def _lora_method(exp, cfg, method: str) -> dict:
     from .baselines import lora
-    from .predict import greedy_generate
+    from .batching import tokenize_examples
     from .store import UserStore
-    from .train import tokenize_examples
-    from . import pipeline
 
-    c, task = ctx.cfg, ctx.data.task
-    gen = dict(max_new_tokens=task.max_new_tokens, batch_size=c.eval_batch_size)
-    pm, shared_s = _task_lora(ctx)
-    shared_params = lora.lora_parameters(pm)
-    settings = {"lora_rank": c.lora_rank, "lora_alpha": c.lora_alpha, "lora_targets": c.lora_targets, "lora_lr": c.lora_lr,
-                "epochs": c.stage1_epochs}
+    c = exp.cfg
+    backbone = load_backbone(c.model_path, c.dtype, c.cuda_device, c.model_name)
+    model, tok, _ = backbone
+    device = next(model.parameters()).device
+    pmodel = PerFitModel(c, backbone, exp.run_dir)  # for the prompts only: LoRA methods use no shift
+    qids, owners, inputs = exp.queries
+    prompts = pmodel.prompt_ids(inputs)
+    gen = dict(max_new_tokens=exp.data.task.max_new_tokens, batch_size=c.eval_batch_size)
+    peft_model, shared_s = _task_lora_model(exp, cfg, backbone)
+    shared_params = lora.lora_parameters(peft_model)
+    settings = {"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets,
+                "lora_lr": cfg.lora_lr, "epochs": c.stage1_epochs}
     if method == "task_lora":
         t0 = time.perf_counter()
-        preds = greedy_generate(ctx.model, ctx.tok, prompts, desc="task LoRA", **gen)
-        return _record(ctx, method, preds, qids, params_shared=shared_params, train_seconds_shared=shared_s,
+        preds = greedy_generate(peft_model, tok, prompts, desc="task LoRA", **gen)
+        return _record(exp, method, preds, device, params_shared=shared_params, train_seconds_shared=shared_s,
                        generate_seconds_per_query=(time.perf_counter() - t0) / len(qids), settings=settings)
     # OPPU: the task LoRA becomes part of the base, then each user gets a fresh LoRA of its own
-    base = pm.merge_and_unload()
-    upm = lora.add_lora(base, c.lora_rank, c.lora_alpha, c.lora_targets, c.seed + 1)
+    pipeline.scan_training_data(exp, collect=False)
+    base = peft_model.merge_and_unload()
+    upm = lora.add_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed + 1)
     init = lora.adapter_state(upm)
-    store = UserStore(os.path.join(ctx.run_dir, "oppu_users"),
-                      {"task_lora": ctx.stage1_key, "lora_rank": c.lora_rank, "lora_alpha": c.lora_alpha, "lora_targets": c.lora_targets,
-                       "lora_lr": c.lora_lr, "oppu_lr": c.oppu_lr, "max_epoch": c.max_epoch, "batch_size": c.batch_size,
-                       "max_history": c.max_history, "seed": c.seed, "task_name": c.task_name})
+    keys = artifact_keys(cfg, exp.fingerprints)
+    store = UserStore(_baseline_dir(exp, "oppu"), {"key": keys["oppu"], "settings": settings | {"oppu_lr": cfg.oppu_lr}})
+    from .store import history_digest
+
     preds = [""] * len(prompts)
     gen_s = 0.0
-    for u in ctx.data.test_users:
-        if u.user_id in store:
+    for u in exp.data.test_users:
+        examples = pmodel.personal_examples(u.user_id, u.profile)
+        digest = history_digest(examples)
+        if u.user_id in store and store.index[u.user_id].get("history_digest") == digest:
             lora.load_adapter(upm, store.get(u.user_id))
         else:
             lora.load_adapter(upm, init)
-            ex = tokenize_examples(ctx.tok, pipeline.user_history(ctx, u), c.max_length)
-            stats = lora.train_lm(base, ex, epochs=c.max_epoch, batch_size=c.batch_size, lr=c.oppu_lr,
-                                  pad_id=ctx.tok.pad_token_id, seed=c.seed, key=u.user_id, desc=f"OPPU {u.user_id}")
-            store.put_tensors(u.user_id, lora.adapter_state(upm), {"examples": len(ex), "train_seconds": round(stats["seconds"], 3)})
+            ex = tokenize_examples(tok, examples, c.max_length)
+            stats = lora.train_lm(base, ex, epochs=c.max_epoch, batch_size=c.batch_size, lr=cfg.oppu_lr,
+                                  pad_id=tok.pad_token_id, seed=c.seed, key=u.user_id, desc=f"OPPU {u.user_id}")
+            store.put_many({u.user_id: lora.adapter_state(upm)},
+                           {u.user_id: {"examples": len(ex), "history_digest": digest, "train_seconds": round(stats["seconds"], 3)}})
         rows = [i for i, o in enumerate(owners) if o == u.user_id]
         t0 = time.perf_counter()
-        got = greedy_generate(base, ctx.tok, [prompts[i] for i in rows], desc=f"OPPU {u.user_id}", **gen)
+        got = greedy_generate(base, tok, [prompts[i] for i in rows], desc=f"OPPU {u.user_id}", **gen)
         gen_s += time.perf_counter() - t0
         for i, p in zip(rows, got):
             preds[i] = p
-    n = len(ctx.data.test_users)
-    return _record(ctx, method, preds, qids, params_shared=shared_params, params_per_user=lora.lora_parameters(upm),
+    n = len(exp.data.test_users)
+    return _record(exp, method, preds, device, params_shared=shared_params, params_per_user=lora.lora_parameters(upm),
                    bytes_per_user=store.bytes_per_user(), train_seconds_shared=shared_s,
-                   train_seconds_per_user=sum(store.index[u.user_id]["train_seconds"] for u in ctx.data.test_users) / n,
-                   generate_seconds_per_query=gen_s / len(qids), settings=settings | {"oppu_lr": c.oppu_lr, "user_epochs": c.max_epoch})
+                   train_seconds_per_user=sum(store.index[u.user_id]["train_seconds"] for u in exp.data.test_users) / n,
+                   generate_seconds_per_query=gen_s / len(qids), settings=settings | {"oppu_lr": cfg.oppu_lr, "user_epochs": c.max_epoch})
+
+
+# one entry per method: what it is, and how it runs
+REGISTRY = {
+    "user_majority": ("no model: the user's most frequent label (headlines: title of the BM25-closest history article)", _user_majority),
+    "zero_shot": ("the frozen model, prompt only", _zero_shot),
+    "rag": ("BM25 top-k of the user's history in the prompt (LaMP's retrieval baseline)", _rag),
+    "task_lora": ("one LoRA (peft) on all other users, no per-user part", lambda e, c: _lora_method(e, c, "task_lora")),
+    "oppu": ("task LoRA merged, then one LoRA per user on that user's history only", lambda e, c: _lora_method(e, c, "oppu")),
+    "stage1": ("PerFit stage 1: collective shift + the shared initial personal module P0", _stage1),
+    "perfit": ("collective shift + each user's personal shift", _perfit),
+    "perfit_stage2_only": ("personal shift of rank LRank+ULRank per user from scratch, no stage 1", _stage2_only),
+}
+assert tuple(REGISTRY) == METHODS
+
+
+def run_method(cfg: CompareConfig, method: str) -> dict:
+    """Train (if needed) and evaluate one method; returns its record."""
+    cfg = cfg.resolved()
+    exp = pipeline.prepare(cfg)
+    return REGISTRY[method][1](exp, cfg)
+
+
+def _fingerprints(cfg: CompareConfig) -> dict:
+    return pipeline.prepare(cfg).fingerprints
 
 
 # ---------------------------------------------------------------- orchestration and report
@@ -244,6 +268,7 @@ def _method_path(out: str, method: str) -> str:
 def compare(cfg: CompareConfig) -> dict:
     cfg = cfg.resolved()
     methods = cfg.method_list()
+    fps = _fingerprints(cfg)
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
     cfg_path = os.path.join(out, "compare_config.json")
@@ -254,7 +279,7 @@ def compare(cfg: CompareConfig) -> dict:
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 rec = json.load(f)
-            if rec.get("key") == cfg.key(m):
+            if rec.get("key") == cfg.record_key(m, fps):
                 log.info("compare: %s already done with these settings (%s)", m, path)
                 records[m] = rec
                 continue
@@ -266,14 +291,14 @@ def compare(cfg: CompareConfig) -> dict:
             with open(path, encoding="utf-8") as f:
                 rec = json.load(f)
         else:
-            rec = _save(cfg, m, run_method(cfg, m))
+            rec = _save(cfg, m, run_method(cfg, m), fps)
         log.info("compare: %s done in %.1fs: %s", m, time.perf_counter() - t0, rec["metrics"])
         records[m] = rec
     return write_report(cfg, records)
 
 
-def _save(cfg: CompareConfig, method: str, rec: dict) -> dict:
-    rec = {"key": cfg.key(method), **rec}
+def _save(cfg: CompareConfig, method: str, rec: dict, fps: dict) -> dict:
+    rec = {"key": cfg.record_key(method, fps), **rec}
     write_json_atomic(_method_path(cfg.output_dir, method), rec)
     return rec
 
@@ -347,7 +372,7 @@ def _child(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[perfit] %(message)s", stream=sys.stderr)
     with open(a.config, encoding="utf-8") as f:
         cfg = from_dict(CompareConfig, json.load(f))
-    _save(cfg, a.method, run_method(cfg, a.method))
+    _save(cfg, a.method, run_method(cfg, a.method), _fingerprints(cfg))
     return 0
 
 
