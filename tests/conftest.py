@@ -8,10 +8,8 @@ from perfit.backbone import tiny_llama, tiny_tokenizer
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(2)
+# pinned before any fixture trains anything (session fixtures run before function-scoped ones)
+torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +58,45 @@ def shared_dir(*parts):
     if not os.path.exists(p):
         pytest.skip(f"shared data not present: {p}")
     return p
+
+
+def wide_margin_tokens(logits: torch.Tensor, margin: float = 1e-3) -> torch.Tensor:
+    """Mask of decoding steps whose top-2 logit margin is wide enough that the greedy token cannot flip under float
+    rounding (steps x vocab -> steps)."""
+    top = logits.topk(2, dim=-1).values
+    return (top[..., 0] - top[..., 1]) > margin
+
+
+def _rmsnorm64(self, x):
+    # the same formula as transformers' Llama/Gemma RMSNorm, without their float32 upcast
+    eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps")
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y * (1.0 + self.weight) if type(self).__name__.startswith("Gemma") else self.weight * y
+
+
+def model64(arch: str = "llama", **kw):
+    """The tiny model in float64 throughout. transformers' RMSNorm computes in float32 whatever the model's dtype
+    (it is written for bf16), which re-rounds values that differ by 1e-16 to neighbours 1e-7 apart; with a float64
+    norm, computations that are equal in principle agree to ~1e-13."""
+    import types
+
+    model = tiny_llama(arch=arch, vocab=260, **kw).double()
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.forward = types.MethodType(_rmsnorm64, m)
+    return model
+
+
+def run_cfg(tiny_model_dir, data_dir, out, **kw):
+    from perfit.config import RunConfig
+
+    return RunConfig(**(TINY_RUN | dict(data_dir=data_dir, output_dir=out, model_path=tiny_model_dir) | kw))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model_dir, data, tmp_path_factory):
+    """A finished `perfit run` on the tiny model (read only: tests that change it copy it first)."""
+    from perfit import pipeline
+
+    cfg = run_cfg(tiny_model_dir, data, str(tmp_path_factory.mktemp("out")))
+    return cfg, pipeline.run(cfg)

@@ -10,6 +10,8 @@ from perfit.cli import main
 from perfit.data import DataError, iter_json_array, load_task_data
 from perfit.data.lamp import convert_lamp
 from perfit.data.synthetic import generate
+from perfit.prompts import PromptBuilder
+from perfit.tasks import get_task
 
 T = "movie_tagging"
 
@@ -101,7 +103,11 @@ def test_malformed_json(tmp_path):
     d = _write(str(tmp_path))
     with open(os.path.join(d, "user_others.json"), "w") as f:
         f.write('[{"user_id": "x", "profile": [}')
-    with pytest.raises(DataError, match=r"user_others.json: malformed JSON at character \d+"):
+    with pytest.raises(DataError, match=r"user_others.json: malformed JSON near byte \d+"):
+        list(load_task_data(str(tmp_path), T).iter_others())
+    with open(os.path.join(d, "user_others.json"), "w") as f:
+        f.write('{"user_id": "x"}')
+    with pytest.raises(DataError, match=r"user_others.json: malformed JSON: expected a list"):
         list(load_task_data(str(tmp_path), T).iter_others())
 
 
@@ -127,7 +133,34 @@ def test_streaming_matches_json_load(tmp_path):
     data = [{"user_id": f"u{i}", "x": "é" * rnd.randint(0, 300), "n": [1, 2, {"a": "]"}]} for i in range(200)]
     p = tmp_path / "big.json"
     p.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    assert list(iter_json_array(str(p), chunk_size=97)) == data
+    assert list(iter_json_array(str(p))) == data
+
+
+def test_others_are_streamed_not_held(tmp_path):
+    """load_users yields each user as it is validated: the first arrives before the file has been read through."""
+    from perfit.data import load_users
+    from perfit.tasks import get_task
+
+    users = _valid_users() + [{"user_id": f"x{i}", "profile": [{"id": "1", "description": "d", "tag": "comedy"}], "query": []}
+                              for i in range(5000)]
+    p = tmp_path / "others.json"
+    p.write_text(json.dumps(users))
+    it = load_users(str(p), get_task(T), role="others")
+    assert next(it).user_id == "alice"
+    assert sum(1 for _ in it) == len(users) - 1
+
+
+def test_generated_data_never_repeats_an_item_text(tmp_path):
+    """A query's text never reappears as anyone's history item (the overlap check would refuse the data)."""
+    for task in ("movie_tagging", "news_headline"):
+        generate(task, str(tmp_path), num_users=20, history_per_user=20, queries_per_user=5, num_other_users=12, seed=0)
+        field = "description" if task == "movie_tagging" else "text"
+        test = json.load(open(tmp_path / task / "user_top_100_history.json"))
+        others = json.load(open(tmp_path / task / "user_others.json"))
+        texts = [it[field] for u in test + others for it in u["profile"]]
+        pb = PromptBuilder(get_task(task))
+        texts += [pb.query_content(q["input"]) for u in test + others for q in u["query"]]
+        assert len(texts) == len(set(texts)) == 32 * 25
 
 
 def test_convert_official_sample(tmp_path):

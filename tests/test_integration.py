@@ -26,11 +26,10 @@ def test_bundled_model_loads(bundled):
     assert all(not p.requires_grad for p in model.parameters())
 
 
-def test_short_run_on_bundled_model(tmp_path, monkeypatch, bundled):
-    monkeypatch.setattr(pipeline, "load_backbone", lambda *a, **k: bundled)
+def test_short_run_on_bundled_model(tmp_path, bundled):
     cfg = RunConfig(task_name="movie_tagging", output_dir=str(tmp_path), num_users=2, num_other_users=2, history_per_user=6,
                     queries_per_user=2, max_epoch=2, stage1_epochs=3, lr=5e-3)
-    res = pipeline.run(cfg)
+    res = pipeline.run(cfg, backbone=bundled)
     v = res["variants"]
     assert v["zero_shot"]["metrics"]["accuracy"] == 0.0  # the raw model never answers with a bare tag
     # a few stage-1 steps already teach the answer format: predictions are labels from the list

@@ -85,17 +85,80 @@ def test_presets_and_overrides():
     assert (c.low_rank_dimension, c.user_low_rank_dimension, c.layers, c.positions, c.max_epoch) == (16, 32, [14, 15, 16], "f7+l7", 6)
     c = RunConfig(task_name="news_headline", user_low_rank_dimension=8, intervene_layer="3;1").resolved()
     assert (c.low_rank_dimension, c.user_low_rank_dimension, c.layers, c.positions) == (32, 8, [1, 3], "l7")
-    assert c.default_run_dir().startswith("lr=32_ulr=8_il=1.3_pl=l7_ep=4")
+    assert c.default_run_dir().startswith("lr=32_ulr=8_il=1.3_pl=l7_ep=4_bs=8_seed=42_model=smollm2-135m_")
     for bad in ({"positions": "x7"}, {"intervene_layer": "a;b"}, {"batch_size": 0}, {"task_name": "nope"}):
         with pytest.raises(ValueError):
             RunConfig(**bad).resolved()
 
 
-def test_stage1_key_tracks_stage1_settings_only():
-    a = RunConfig().resolved()
-    assert a.stage1_key("d") == RunConfig(max_users=3, user_lr=1.0).resolved().stage1_key("d")
-    assert a.stage1_key("d") != RunConfig(low_rank_dimension=8).resolved().stage1_key("d")
-    assert a.stage1_key("d") != a.stage1_key("other data")
+# a valid other value for every field: a new field must be added here, with what it affects declared in config.py
+ALTERNATIVE = {
+    "task_name": "news_headline", "data_dir": "d2", "output_dir": "o2", "run_dir_name": "r2", "model_name": "m2",
+    "model_path": "/m2", "cuda_device": 1, "dtype": "bfloat16", "seed": 7, "batch_size": 4, "eval_batch_size": 8,
+    "low_rank_dimension": 8, "user_low_rank_dimension": 8, "intervene_layer": "3", "positions": "l3", "max_epoch": 2,
+    "stage1_epochs": 1, "shift_init": "zero", "lr": 1e-3, "user_lr": 1e-3, "max_users": 3, "max_stage1_examples": 10,
+    "holdout": 2, "max_history": 5, "query_cue": 0, "max_field_words": 10, "max_length": 300, "rows_per_pass": 64,
+    "user_group_size": 4, "cache_max_bytes": 1, "disk_cache_max_bytes": 1, "disk_cache_dir": "/c", "prompts_file": "p.json",
+    "allow_overlap": 1, "overwrite": 1, "num_users": 3, "num_other_users": 3, "history_per_user": 3, "queries_per_user": 3,
+    "methods": "rag", "rag_k": 3, "rag_item_words": 5, "lora_rank": 4, "lora_alpha": 8, "lora_targets": "q_proj",
+    "lora_lr": 1e-2, "oppu_lr": 1e-2, "isolate": 0,
+}
+
+
+def test_every_field_invalidates_exactly_the_artifacts_it_declares():
+    import dataclasses
+
+    from perfit.config import ARTIFACTS, METHODS, RECORD_INPUTS, CompareConfig, affects, artifact_keys, downstream
+
+    base = CompareConfig()
+    assert set(ALTERNATIVE) == {f.name for f in dataclasses.fields(CompareConfig)}
+    keys0 = artifact_keys(base)
+    records0 = {m: base.record_key(m) for m in METHODS}
+    for name, declared in affects().items():
+        alt = dataclasses.replace(base, **{name: ALTERNATIVE[name]})
+        keys = artifact_keys(alt)
+        want = downstream(declared)
+        assert {a for a in ARTIFACTS if keys[a] != keys0[a]} == want, name
+        assert {m for m in METHODS if alt.record_key(m) != records0[m]} == \
+            {m for m in METHODS if want & set(RECORD_INPUTS[m] + ("predictions",))}, name
+
+
+def test_keys_mean_what_they_say():
+    """Spot checks written out by hand, independent of the declarations."""
+    import dataclasses
+
+    from perfit.config import CompareConfig, artifact_keys
+
+    base = CompareConfig().resolved()
+    k0 = artifact_keys(base)
+
+    def changed(fps=None, **kw):
+        k = artifact_keys(dataclasses.replace(base, **kw), fps)
+        return {a for a in k if k[a] != k0[a]}
+
+    assert changed(user_lr=1.0) == {"users", "stage2_only"}
+    assert changed(lr=1.0) == {"stage1", "users"}  # not the task LoRA nor OPPU
+    assert changed(lora_lr=1.0) == {"task_lora", "oppu"}
+    assert changed(max_users=3) == {"predictions"}
+    assert changed(holdout=2) == {"test_data", "users", "stage2_only", "oppu"}  # the store key holds holdout
+    assert changed(rows_per_pass=64, user_group_size=2, eval_batch_size=1, cache_max_bytes=0, output_dir="x") == set()
+    assert changed({"stage1_data": "other others file"}) == {"stage1_data", "stage1", "users", "task_lora", "oppu"}
+    assert changed({"test_data": "other templates"}) == {"test_data", "users", "stage2_only", "oppu"}
+    # runs differ in their folder exactly when their stage-1 checkpoint or users could differ
+    name = base.default_run_dir()
+    for kw in ({"lr": 1e-3}, {"user_lr": 1e-3}, {"holdout": 1}, {"shift_init": "zero"}):
+        assert dataclasses.replace(base, **kw).default_run_dir() != name, kw
+    for kw in ({"max_users": 3}, {"rows_per_pass": 64}, {"rag_k": 5}, {"lora_lr": 0.1}):
+        assert dataclasses.replace(base, **kw).default_run_dir() == name, kw
+
+
+def test_tiny_tokenizer_ids_are_the_same_in_every_process():
+    """Byte b is id 3 + b (tokenizers' ByteLevel alphabet comes in a random order per process)."""
+    from perfit.backbone import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    assert tok("hA\u00e9")["input_ids"] == [3 + ord("h"), 3 + ord("A"), 3 + 0xC3, 3 + 0xA9]
+    assert tok.decode(tok("mixed é text")["input_ids"]) == "mixed é text"
 
 
 def test_cli_accepts_both_flag_forms():
