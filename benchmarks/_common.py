@@ -15,7 +15,7 @@ from perfit.config import RunConfig
 from perfit.data import load_task_data
 from perfit.data.synthetic import generate
 from perfit.prompts import PromptBuilder
-from perfit.train import tokenize_examples
+from perfit.batching import tokenize_examples
 
 
 # randomly initialised models of real widths, for throughput where real weights cannot travel (e.g. a GPU box)

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import add_model_args, setup, sync  # noqa: E402
 
-from perfit.predict import greedy_generate  # noqa: E402
+from perfit.generate import greedy_generate  # noqa: E402
 from perfit.shifts import Shifter, parse_positions  # noqa: E402
-from perfit.train.batching import tokenize_prompt  # noqa: E402
+from perfit.batching import tokenize_prompt  # noqa: E402
 
 
 def main():
@@ -61,9 +61,8 @@ def main():
 
     base = timed(lambda: greedy_generate(model, tok, prompts, **kw))
     plain = timed(lambda: greedy_generate(model, tok, prompts, share_prefix=False, **kw))
-    sh.attach(model)
-    pers = timed(lambda: greedy_generate(model, tok, prompts, owners, sh, first=first, last=last, **kw))
-    sh.detach()
+    with sh.attached(model):
+        pers = timed(lambda: greedy_generate(model, tok, prompts, owners, sh, first=first, last=last, **kw))
     n_tok = len(prompts) * args.new_tokens
     print(f"task={args.task_name} users={args.num_users} queries={len(prompts)} new_tokens={args.new_tokens} device={device} dtype={info.dtype}")
     print(f"base, no prefix sharing     {plain:8.2f} s  {n_tok / plain:8.1f} tokens/s  {len(prompts) / plain:7.2f} queries/s")

@@ -27,7 +27,7 @@ from _common import add_model_args, model_argv, peak_bytes, run_part, setup, syn
 
 from perfit.shifts import Shifter, ShiftState, parse_positions  # noqa: E402
 from perfit.train import train_shifts  # noqa: E402
-from perfit.train.batching import make_batch  # noqa: E402
+from perfit.batching import make_batch  # noqa: E402
 
 
 def reference(model, tok, ex, cfg, users: int, hidden: int) -> float:
@@ -36,27 +36,32 @@ def reference(model, tok, ex, cfg, users: int, hidden: int) -> float:
     t0 = time.perf_counter()
     for u in range(users):
         mine = [e for e in ex if e.module == u]
-        sh = Shifter(hidden, cfg.layers, cfg.low_rank_dimension, cfg.user_low_rank_dimension, 1, cfg.seed).to(device).attach(model)
+        sh = Shifter(hidden, cfg.layers, cfg.low_rank_dimension, cfg.user_low_rank_dimension, 1, cfg.seed).to(device)
         for p in sh.personal.parameters():
             p.requires_grad_(True)
         opt = torch.optim.AdamW(sh.personal.parameters(), lr=cfg.user_lr, weight_decay=0.0)
         g = torch.Generator().manual_seed(u)
-        for _ in range(cfg.max_epoch):
-            order = torch.randperm(len(mine), generator=g).tolist()
-            for s in range(0, len(order), cfg.batch_size):
-                rows = [mine[i] for i in order[s: s + cfg.batch_size]]
-                b = make_batch([r.ids for r in rows], [r.prompt_len for r in rows], [0] * len(rows), tok.pad_token_id, first, last).to(device)
-                labels = torch.full_like(b.input_ids, -100)
-                for i, (r, off) in enumerate(zip(rows, b.offsets)):
-                    labels[i, off + r.prompt_len:] = torch.tensor(r.ids[r.prompt_len:])
-                with sh.active(ShiftState(b.shift_index, b.shift_valid, b.users, b.input_ids.shape[1])):
-                    loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, labels=labels).loss
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        sh.detach()
+        with sh.attached(model):
+            _reference_user(model, tok, mine, cfg, sh, opt, g, first, last, device)
     sync(device)
     return time.perf_counter() - t0
+
+
+def _reference_user(model, tok, mine, cfg, sh, opt, g, first, last, device) -> None:
+    """One user's plain loop: the whole model over every example, every epoch, HF-style masked loss."""
+    for _ in range(cfg.max_epoch):
+        order = torch.randperm(len(mine), generator=g).tolist()
+        for s in range(0, len(order), cfg.batch_size):
+            rows = [mine[i] for i in order[s: s + cfg.batch_size]]
+            b = make_batch([r.ids for r in rows], [r.prompt_len for r in rows], [0] * len(rows), tok.pad_token_id, first, last).to(device)
+            labels = torch.full_like(b.input_ids, -100)
+            for i, (r, off) in enumerate(zip(rows, b.offsets)):
+                labels[i, off + r.prompt_len:] = torch.tensor(r.ids[r.prompt_len:])
+            with sh.active(ShiftState(b.shift_index, b.shift_valid, b.users, b.input_ids.shape[1])):
+                loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
 
 @torch.no_grad()
@@ -86,10 +91,10 @@ def part(args) -> dict:
         first, last = parse_positions(cfg.positions)
         sh = Shifter(info.hidden_size, cfg.layers, cfg.low_rank_dimension, cfg.user_low_rank_dimension, args.num_users, cfg.seed)
         sh.set_all_personal(sh)
-        sh.to(device).attach(model)
-        secs = train_shifts(model, sh, ex, epochs=cfg.max_epoch, batch_size=cfg.batch_size, lr=cfg.user_lr, train_collective=False,
-                            pad_id=tok.pad_token_id, first=first, last=last, seed=cfg.seed, max_rows=args.rows_per_pass,
-                            desc="perfit stage 2").seconds
+        with sh.to(device).attached(model):
+            secs = train_shifts(model, sh, ex, epochs=cfg.max_epoch, batch_size=cfg.batch_size, lr=cfg.user_lr, train_collective=False,
+                                pad_id=tok.pad_token_id, first=first, last=last, seed=cfg.seed, max_rows=args.rows_per_pass,
+                                desc="perfit stage 2").seconds
     else:
         secs = floor(model, tok, ex, cfg)
     return {"seconds": secs, "peak_bytes": peak_bytes(device), "base_bytes": base, "examples": len(ex),
