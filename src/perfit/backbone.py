@@ -77,7 +77,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
     if name not in table:
         raise ConfigError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
     return table[name]

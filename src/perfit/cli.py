@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from .config import CompareConfig, RunConfig
+from .config import CompareConfig, RunConfig, ServeConfig
 from .errors import PerFitError
 from .tasks import TASKS
 
@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", required=True,
                    help="JSON file: a list of users [{user_id, profile: [history items]}] (the per-user layout).")
     p.add_argument("--device", default="")
+    help = "serve a run over HTTP: OpenAI-compatible completions and chat, /v1/generate, online personalization and erasure"
+    p = sub.add_parser("serve", help=help, description=help)
+    for f in dataclasses.fields(ServeConfig):
+        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, required=f.name == "run_dir",
+                       help=f"{f.metadata['help']} (default: {f.default!r})")
     help = "remove everything stored about a user from a run (its shift and its record)"
     p = sub.add_parser("forget", help=help, description=help)
     p.add_argument("--run_dir", required=True)
@@ -150,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             from .model import forget_user
 
             print(json.dumps({"user_id": args.user_id, "removed": forget_user(args.run_dir, args.user_id)}))
+        elif args.command == "serve":
+            from .config import check_fields
+            from .serve.app import serve
+
+            sc = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+            check_fields(sc)
+            serve(sc)
         elif args.command == "compare":
             from .compare import compare
 

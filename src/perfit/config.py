@@ -55,8 +55,8 @@ class RunConfig:
     model_name: str = _f("smollm2-135m", "Name of the model in output paths.", ())
     model_path: str = _f("", "Local Hugging Face folder or .gguf file. Empty: the bundled SmolLM2-135M-Instruct.", ("model",))
     cuda_device: int = _f(0, "GPU index when CUDA is present; ignored (with a notice) on CPU-only machines.", (), min=0)
-    dtype: str = _f("auto", "Backbone dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.", ("model",),
-                    choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
+    dtype: str = _f("auto", "Backbone dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16 (float64: exact arithmetic, for checks).", ("model",),
+                    choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "float64"))
     seed: int = _f(42, "Seed for initialisation, data order and generated data.", DATA)
     batch_size: int = _f(8, "Examples per optimisation step (stage 2: per user per step).",
                          ("stage1", "users", "stage2_only", "task_lora", "oppu"), min=1)
@@ -259,3 +259,24 @@ def from_dict(cls, d: dict, where: str = ""):
     if unknown:
         raise ConfigError(f"{where or cls.__name__}: unknown {cls.__name__} fields {sorted(unknown)}")
     return cls(**d)
+
+
+@dataclass
+class ServeConfig:
+    """`perfit serve`: one process holds the run's model once and answers many users (nothing here changes a result)."""
+    run_dir: str = _f("", "The run to serve (made by `perfit run`, or stage1 + stage2). Required.", ())
+    host: str = _f("127.0.0.1", "Address to listen on. Anything but loopback requires --api_key_file.", ())
+    port: int = _f(8000, "Port to listen on (0: any free port, printed at start).", (), min=0)
+    max_batch_size: int = _f(32, "Requests answered together in one batch (one mixed-user prefill, batched decoding).", (), min=1)
+    max_wait_ms: float = _f(10.0, "How long the first request of a batch waits for others to join it.", (), min=0)
+    max_cached_users: int = _f(1024, "Users' shifts kept on the device between requests (least recently used go first).", (), min=1)
+    api_key_file: str = _f("", "File holding the API key clients must send as 'Authorization: Bearer <key>' (all but /healthz).", ())
+    served_model_name: str = _f("perfit", "The model name requests must give in their 'model' field.", ())
+    device: str = _f("", "cpu, cuda or cuda:N (default: the run's GPU if CUDA is present).", ())
+    dtype: str = _f("", "Backbone dtype (default: the run's); float64 serves the exact arithmetic the tests compare.", (),
+                    choices=("", "auto", "float32", "bfloat16", "float16", "float64"))
+    max_body_bytes: int = _f(1 << 20, "Largest request body accepted (413 beyond).", (), min=1)
+    max_tokens: int = _f(256, "Largest max_tokens / max_new_tokens a request may ask for.", (), min=1)
+    max_prompt_tokens: int = _f(4096, "Longest prompt accepted, in tokens (also bounded by the run's max_length).", (), min=1)
+    max_history_items: int = _f(1000, "Most history items one personalization request may carry.", (), min=1)
+    max_lifetime_s: float = _f(0.0, "Stop (gracefully) after this many seconds; 0: run until stopped. For tests and benchmarks.", (), min=0)

@@ -8,6 +8,7 @@ import contextlib
 import inspect
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -73,22 +74,33 @@ class GenerationOutput:
     texts: list[str]
     tokens: list[list[int]] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # per prompt: [steps, vocab] (float32, on CPU)
+    finish: list[str] = field(default_factory=list)  # per prompt: "stop" (EOS or end of answer) or "length"
+
+
+def _per_row(value, n: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
 @torch.no_grad()
 def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | None = None, shifter: Shifter | None = None,
-                    use_collective: bool = True, first: int = 0, last: int = 0, max_new_tokens: int = 16,
+                    use_collective: bool = True, first: int = 0, last: int = 0, max_new_tokens: int | list[int] = 16,
                     batch_size: int = 32, desc: str = "generating", stop_early: bool = True,
-                    share_prefix: bool = True, with_logits: bool = False):
-    """Returns the cleaned generation of each prompt (token ids), in input order. `users[i]` is the personal
-    module of prompt i (None: no personal shift); `shifter` None: the bare model (else it must be attached).
+                    share_prefix: bool = True, details: bool = False, with_logits: bool = False,
+                    task: bool | list[bool] = True, on_token: Callable[[int, int], bool | None] | None = None):
+    """Returns the generation of each prompt (token ids), in input order. `users[i]` is the personal module of prompt
+    i (None: no personal shift); `shifter` None: the bare model (else it must be attached).
+    Per prompt (a value or a list): `max_new_tokens`, and `task`: a task answer ends at the first newline after some
+    text and is cleaned (`clean_prediction`); otherwise the text is decoded as generated and only EOS ends it.
     `stop_early=False` always generates max_new_tokens tokens (for like-for-like throughput measurements).
     `share_prefix`: run the prompt prefix that a batch shares once (once per user where a shift acts inside it).
-    `with_logits`: return a GenerationOutput holding each step's logits too."""
+    `on_token(i, token)`: called for every token generated for prompt i, as it is generated (streaming); a true
+    return value ends that prompt's generation there.
+    `details`: return a GenerationOutput (texts, tokens, finish reasons); `with_logits`: with each step's logits too."""
     eos = tok.eos_token_id
-    newline = set(_newline_ids(tok)) if stop_early else set()
+    newline = set(_newline_ids(tok))
     blank = _blank_ids(tok)
     kw = cache_kwarg(model)
+    n_new, is_task = _per_row(max_new_tokens, len(prompts)), _per_row(task, len(prompts))
     # only the last position's logits are needed
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     if share_prefix and users is not None and shifter is not None and first > 0:
@@ -96,7 +108,7 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
         order = sorted(range(len(prompts)), key=lambda i: (users[i], len(prompts[i])))
     else:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = GenerationOutput([""] * len(prompts), [[] for _ in prompts], [torch.empty(0)] * len(prompts))
+    out = GenerationOutput([""] * len(prompts), [[] for _ in prompts], [torch.empty(0)] * len(prompts), ["length"] * len(prompts))
     for s in progress(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[s: s + batch_size]
         res, mask, pos = _prefill(model, [prompts[i] for i in idx], None if users is None else [users[i] for i in idx], shifter,
@@ -104,24 +116,30 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
         cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
         gen = [[] for _ in idx]
         steps: list[torch.Tensor] = []
-        done = torch.zeros(len(idx), dtype=torch.bool)
-        started = [False] * len(idx)  # a newline ends the answer only once some text was produced
+        done = [n_new[i] <= 0 for i in idx]
+        started = [False] * len(idx)  # a newline ends a task answer only once some text was produced
         logits = res.logits[:, -1]
-        for step in range(max_new_tokens):
+        for step in range(max(n_new[i] for i in idx)):
             nxt = logits.argmax(-1)
             if with_logits:
                 steps.append(logits.float().cpu())
             for j, t in enumerate(nxt.tolist()):
+                i = idx[j]
                 if done[j]:
                     continue
                 if stop_early and t == eos:
-                    done[j] = True
+                    done[j], out.finish[i] = True, "stop"
                     continue
                 gen[j].append(t)
-                if t in newline and started[j]:
-                    done[j] = True
+                if on_token is not None and on_token(i, t):  # the caller ends this row (a stop string)
+                    done[j], out.finish[i] = True, "stop"
+                    continue
+                if stop_early and is_task[i] and t in newline and started[j]:
+                    done[j], out.finish[i] = True, "stop"
                 started[j] = started[j] or t not in blank
-            if bool(done.all()) or step == max_new_tokens - 1:
+                if len(gen[j]) >= n_new[i]:
+                    done[j] = True
+            if all(done):
                 break
             mask = torch.cat([mask, mask.new_ones(len(idx), 1)], dim=1)
             pos = pos[:, -1:] + 1
@@ -129,8 +147,9 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
             cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
             logits = res.logits[:, -1]
         for j, i in enumerate(idx):
-            out.texts[i] = clean_prediction(tok.decode(gen[j], skip_special_tokens=True))
+            text = tok.decode(gen[j], skip_special_tokens=True)
+            out.texts[i] = clean_prediction(text) if is_task[i] else text
             out.tokens[i] = gen[j]
             if with_logits:
                 out.logits[i] = torch.stack([st[j] for st in steps])
-    return out if with_logits else out.texts
+    return out if (details or with_logits) else out.texts

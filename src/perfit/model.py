@@ -20,6 +20,8 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -29,7 +31,7 @@ from .batching import tokenize_examples, tokenize_prompt
 from .config import RunConfig, artifact_keys, from_dict, parse_positions, to_dict
 from .data import DataError, validate_items, write_json_atomic
 from .errors import RunStateError
-from .generate import greedy_generate
+from .generate import GenerationOutput, greedy_generate
 from .prompts import Example, PromptBuilder
 from .shifts import Shifter
 from .store import UserStore, history_digest, save_safetensors_atomic
@@ -321,21 +323,38 @@ class PerFitModel:
         `without_personal_shift`), stage1 (the stage-1 shifts for everyone) or zero_shot (no shift)."""
         if len(user_ids) != len(inputs):
             raise ValueError(f"{len(user_ids)} user ids for {len(inputs)} inputs")
+        mnt = max_new_tokens or self.task.max_new_tokens
+        out, unknown = self._decode(user_ids, self.prompt_ids(inputs, raw, mnt), variant, desc, max_new_tokens=mnt)
+        return Generations(out.texts, unknown)
+
+    def complete(self, requests: list["Completion"], desc: str = "serving") -> list["CompletionResult"]:
+        """The server's entry: many users' prompts (token ids) in one batch, each with its own answer length and kind
+        (a task answer, cleaned as `generate` does, or a raw completion that only EOS ends), tokens streamed through
+        each request's `on_token` as they are generated."""
+        streams = [r.on_token for r in requests]
+        out, unknown = self._decode([r.user_id for r in requests], [r.prompt_ids for r in requests], "perfit", desc,
+                                    max_new_tokens=[r.max_new_tokens for r in requests], task=[r.task for r in requests],
+                                    on_token=(lambda i, t: streams[i](t) if streams[i] else None) if any(streams) else None)
+        return [CompletionResult(out.texts[i], out.tokens[i], out.finish[i], r.user_id not in unknown)
+                for i, r in enumerate(requests)]
+
+    def _decode(self, user_ids: list[str], prompts: list[list[int]], variant: str, desc: str, on_token=None, **kw):
+        """Greedy decoding of `prompts`, user_group_size users per batched pass. Returns (GenerationOutput in input
+        order, the users without a stored shift)."""
         if variant not in VARIANTS:
             raise ValueError(f"variant {variant!r}: choose from {', '.join(VARIANTS)}")
-        mnt = max_new_tokens or self.task.max_new_tokens
-        prompts = self.prompt_ids(inputs, raw, mnt)
-        kw = dict(max_new_tokens=mnt, batch_size=self.cfg.eval_batch_size, desc=desc)
+        kw = dict(batch_size=self.cfg.eval_batch_size, desc=desc, details=True) | kw
         if variant == "zero_shot":
-            return Generations(greedy_generate(self.model, self.tok, prompts, **kw))
+            return greedy_generate(self.model, self.tok, prompts, on_token=on_token, **kw), []
         sh1 = self._require_collective()
         if variant == "stage1":
             with sh1.attached(self.model):
-                return Generations(greedy_generate(self.model, self.tok, prompts, [0] * len(prompts), sh1, first=self.first,
-                                                   last=self.last, **kw))
-        out = [""] * len(prompts)
+                return greedy_generate(self.model, self.tok, prompts, [0] * len(prompts), sh1, first=self.first,
+                                       last=self.last, on_token=on_token, **kw), []
+        out = GenerationOutput([""] * len(prompts), [[] for _ in prompts], [], ["length"] * len(prompts))
         users = list(dict.fromkeys(user_ids))
         unknown = [u for u in users if u not in self.store]
+        per_row = {k: v for k, v in kw.items() if isinstance(v, list)}
         for g in range(0, len(users), self.cfg.user_group_size):
             group = users[g: g + self.cfg.user_group_size]
             known = [u for u in group if u not in unknown]
@@ -344,14 +363,34 @@ class PerFitModel:
             for u in known:
                 sh.load_user_state(module_of[u], self._user_tensors(u))
             rows = [i for i, u in enumerate(user_ids) if u in module_of]
+            row_kw = kw | {k: [v[i] for i in rows] for k, v in per_row.items()}
             with sh.attached(self.model):
                 got = greedy_generate(self.model, self.tok, [prompts[i] for i in rows], [module_of[user_ids[i]] for i in rows],
-                                      sh, first=self.first, last=self.last, **kw)
-            for i, p in zip(rows, got):
-                out[i] = p
+                                      sh, first=self.first, last=self.last, **row_kw,
+                                      on_token=None if on_token is None else (lambda j, t, rows=rows: on_token(rows[j], t)))
+            for j, i in enumerate(rows):
+                out.texts[i], out.tokens[i], out.finish[i] = got.texts[j], got.tokens[j], got.finish[j]
         if unknown:
             log.info("generate: %d users have no personal shift and got the stage-1 shifts: %s", len(unknown), unknown[:5])
-        return Generations(out, unknown)
+        return out, unknown
+
+
+@dataclass
+class Completion:
+    """One request to `PerFitModel.complete`."""
+    user_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    task: bool = False  # True: a task answer (ends at its first line, cleaned); False: a raw completion (EOS ends it)
+    on_token: Callable[[int], bool | None] | None = None  # each token as generated; True ends the answer there
+
+
+@dataclass
+class CompletionResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" or "length"
+    personal_shift: bool
 
 
 def forget_user(run_dir: str, user_id: str, store: UserStore | None = None) -> bool:

@@ -1,0 +1,2 @@
+"""`perfit serve`: an OpenAI-compatible HTTP server over one `PerFitModel`. `schemas` validates requests, `engine`
+batches generation and runs personalization and erasure on one worker thread, `app` is the FastAPI face."""
