@@ -46,6 +46,7 @@ class Engine:
     def __init__(self, pm: PerFitModel, max_batch_size: int = 32, max_wait_ms: float = 10.0, metrics=None):
         self.pm, self.max_batch_size, self.max_wait = pm, max_batch_size, max_wait_ms / 1000.0
         self.metrics = metrics
+        pm.store  # opened once, here: request threads and the worker must share one in-memory index
         self._cv = threading.Condition()
         self._gen: deque[GenRequest] = deque()
         self._train: dict[str, list[dict]] = {}  # user -> items, waiting to train (a newer post replaces them)
