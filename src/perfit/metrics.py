@@ -52,10 +52,6 @@ def evaluate(task: Task, golds: dict[str, str], preds: dict[str, str]) -> dict:
     return generation_metrics(golds, preds)
 
 
-def headline_metric(task: Task) -> str:
-    return "accuracy" if task.is_classification else "rouge-1"
-
-
 def evaluate_files(task_name: str, golds_json: str, preds_json: str) -> dict:
     task = get_task(task_name)
     _, golds = load_golds(golds_json, task)
