@@ -1,7 +1,7 @@
 """`perfit serve` under load: many users at once against the same requests one at a time, and how fast a new user's
 shift is ready.
 
-1. A run on the bundled model (generated movie_tagging data; stage 1 one epoch, 4 users trained one epoch: quality
+1. A run on the bundled model (generated data of --task_name, default movie_tagging; stage 1 one epoch, 4 users trained one epoch: quality
    does not matter here), made once under --work_dir.
 2. 1,000 distinct stored users: the 4 trained users' shifts, each copied with seeded Gaussian noise (0.01 of each
    tensor's standard deviation) so that every user has a shift of its own, written through the user store.
@@ -9,7 +9,7 @@ shift is ready.
    the 1,000; then the same requests, one at a time, for --seconds.
 4. A new user's 20 history items posted; the seconds until its status is ready.
 
-    python benchmarks/serve_load.py [--seconds 45] [--clients 32]
+    python benchmarks/serve_load.py [--task_name movie_tagging] [--seconds 45] [--clients 32]
 
 Last line: batched_vs_sequential=<rps ratio> errors=<n> personalize_s=<seconds>
 """
@@ -36,11 +36,11 @@ from perfit.data import load_task_data
 N_USERS = 1000
 
 
-def make_run(work: str) -> str:
-    run = os.path.join(work, "output", "movie_tagging", "latest")
+def make_run(work: str, task: str) -> str:
+    run = os.path.join(work, "output", task, "latest")
     if os.path.isfile(os.path.join(run, "results.json")):
         return os.path.realpath(run)
-    cfg = RunConfig(task_name="movie_tagging", output_dir=os.path.join(work, "output"), stage1_epochs=1, max_epoch=1, max_users=4)
+    cfg = RunConfig(task_name=task, output_dir=os.path.join(work, "output"), stage1_epochs=1, max_epoch=1, max_users=4)
     return pipeline.run(cfg)["run_dir"]
 
 
@@ -118,11 +118,12 @@ def main():
     ap.add_argument("--max_batch_size", type=int, default=32)
     ap.add_argument("--max_wait_ms", type=float, default=20)
     ap.add_argument("--work_dir", default="/tmp/perfit-bench/serve")
+    ap.add_argument("--task_name", default="movie_tagging")
     args = ap.parse_args()
-    run = make_run(args.work_dir)
+    run = make_run(args.work_dir, args.task_name)
     users = fill_store(run)
     cfg = json.load(open(os.path.join(run, "config.json")))
-    td = load_task_data(pipeline.ensure_data(RunConfig(**cfg)), "movie_tagging")
+    td = load_task_data(pipeline.ensure_data(RunConfig(**cfg)), args.task_name)
     inputs = [q.input for u in td.test_users for q in u.query]
     rng = random.Random(0)
     requests = [{"user_id": rng.choice(users), "input": rng.choice(inputs)} for _ in range(5000)]
