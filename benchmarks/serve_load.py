@@ -20,9 +20,6 @@ import concurrent.futures
 import json
 import os
 import random
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -32,6 +29,7 @@ import torch
 from perfit import PerFitModel, pipeline
 from perfit.config import RunConfig
 from perfit.data import load_task_data
+from perfit.serve.launch import launch
 
 N_USERS = 1000
 
@@ -58,25 +56,6 @@ def fill_store(run: str) -> list[str]:
         pm.store.put_many(batch, {u: {"items": 0, "made_by": "benchmarks/serve_load.py: a trained user's shift + noise"}
                                   for u in batch})
     return [f"bench-{i:04d}" for i in range(N_USERS)]
-
-
-def start(run: str, args) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "perfit.cli", "serve", "--run_dir", run, "--port", str(port),
-                             "--max_batch_size", str(args.max_batch_size), "--max_wait_ms", str(args.max_wait_ms),
-                             "--max_lifetime_s", str(4 * args.seconds + 600), "--device", "cpu"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start")
 
 
 def phase(url: str, requests: list[dict], clients: int, seconds: float) -> dict:
@@ -127,7 +106,8 @@ def main():
     inputs = [q.input for u in td.test_users for q in u.query]
     rng = random.Random(0)
     requests = [{"user_id": rng.choice(users), "input": rng.choice(inputs)} for _ in range(5000)]
-    proc, url = start(run, args)
+    proc, url = launch(run, "--max_batch_size", str(args.max_batch_size), "--max_wait_ms", str(args.max_wait_ms),
+                       "--device", "cpu", lifetime=4 * args.seconds + 600)
     try:
         phase(url, requests[:8], 4, 3)  # warm-up
         batched = phase(url, requests, args.clients, args.seconds)

@@ -4,7 +4,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,46 +13,28 @@ import pytest
 
 from perfit import PerFitModel
 from perfit.data import load_task_data
+from perfit.serve.launch import launch
 
 NEW = [{"id": "n1", "description": "A starship crew answers an alien signal.", "tag": "sci-fi"},
        {"id": "n2", "description": "Androids and a warp drive in a distant galaxy.", "tag": "sci-fi"},
        {"id": "n3", "description": "A wizard's quest through an enchanted forest.", "tag": "fantasy"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(run_dir: str, *extra: str, lifetime: int = 300):
-    """The server in its own process; it stops by itself after `lifetime` seconds whatever happens to the tests."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "perfit.cli", "serve", "--run_dir", run_dir, "--port", str(port),
-                             "--dtype", "float64", "--max_wait_ms", "100", "--max_body_bytes", "20000",
-                             "--max_lifetime_s", str(lifetime), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    """The server in its own process (float64: see the module's docstring); it stops by itself after `lifetime`."""
+    return launch(run_dir, "--dtype", "float64", "--max_wait_ms", "100", "--max_body_bytes", "20000", *extra, lifetime=lifetime)
 
 
 def stop_server(proc) -> str:
+    """SIGTERM, then the server's whole output."""
     proc.terminate()
     try:
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-    return out
+        proc.wait()
+    with open(proc.log_path) as f:
+        return f.read()
 
 
 @pytest.fixture(scope="module")
@@ -260,14 +241,16 @@ def test_failed_training_keeps_the_previous_shift_and_says_why(finished_run, tmp
 
 def test_shutdown_lets_in_flight_requests_finish(finished_run):
     _, res = finished_run
-    proc, url = start_server(res["run_dir"], "--max_wait_ms", "0", lifetime=60)
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+    # the request waits 3 s for companions in the batcher: SIGTERM comes while it is in flight (the later flag wins)
+    proc, url = start_server(res["run_dir"], "--max_wait_ms", "3000", lifetime=60)
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
         fut = ex.submit(httpx.post, url + "/v1/completions",
                         json={"model": "perfit", "prompt": "a long answer please", "max_tokens": 200}, timeout=60)
         time.sleep(1.0)
-        proc.terminate()  # SIGTERM while the request is being answered
+        out_later = ex.submit(stop_server, proc)  # SIGTERM while the request is being answered
         r = fut.result()
+        out = out_later.result()
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
-    out, _ = proc.communicate(timeout=30)
+    assert "Shutting down" in out and out.index("Shutting down") < out.rindex('"POST /v1/completions HTTP/1.1" 200')
     # uvicorn finishes the request, shuts the app down (the engine ends after its job in hand), then re-raises SIGTERM
     assert "Application shutdown complete" in out and "Traceback" not in out

@@ -1,0 +1,41 @@
+"""Start `perfit serve` in a child process on a free loopback port and wait until it answers (tests, benchmarks,
+notebooks). The child stops by itself after `lifetime` seconds whatever happens to its parent."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(run_dir: str, *args: str, lifetime: float = 300, timeout: float = 120):
+    """Returns (process, base url). `args`: more `perfit serve` flags. The server's output goes to a file (a pipe
+    nobody reads would fill and stall it), named by `process.log_path`."""
+    import httpx
+
+    port = free_port()
+    fd, log_path = tempfile.mkstemp(prefix="perfit-serve-", suffix=".log")
+    with os.fdopen(fd, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "perfit.cli", "serve", "--run_dir", run_dir, "--port", str(port),
+                                 "--max_lifetime_s", str(lifetime), *args], stdout=out, stderr=subprocess.STDOUT)
+    proc.log_path = log_path
+    url = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"perfit serve exited with {proc.returncode}: {open(log_path).read()[-3000:]}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"perfit serve did not answer on {url} within {timeout:.0f} s")
