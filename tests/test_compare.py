@@ -103,11 +103,11 @@ def test_oppu_users_are_isolated(done):
                   seed=cfg.seed, key=user.user_id)
     mine = lora.adapter_state(upm)
     [oppu] = glob.glob(os.path.join(cfg.output_dir, "movie_tagging", "baselines", "oppu-*"))
-    stored = UserStore(oppu).get(user.user_id)
+    stored = UserStore(os.path.join(oppu, "users.sqlite")).get(user.user_id)
     assert mine.keys() == stored.keys()
     for k in mine:
         torch.testing.assert_close(mine[k], stored[k], rtol=1e-5, atol=1e-6)
-    other = UserStore(oppu).get(exp.data.test_users[0].user_id)
+    other = UserStore(os.path.join(oppu, "users.sqlite")).get(exp.data.test_users[0].user_id)
     assert any((other[k] - stored[k]).abs().max() > 1e-4 for k in stored)
 
 

@@ -10,7 +10,7 @@ import torch
 from perfit import PerFitModel, pipeline
 from perfit.cli import main
 from perfit.data import DataError
-from perfit.store import UserStore, user_file
+from perfit.store import UserStore
 
 from conftest import run_cfg
 
@@ -57,7 +57,7 @@ def test_personalize_retrain_and_forget(moved_run, monkeypatch):
     p0 = {k: v.cpu() for k, v in pm.collective.user_state(0).items()}
     rep = pm.personalize({"newcomer": NEW[:2]})["newcomer"]
     assert rep["items"] == rep["examples"] == 2 and rep["final_loss"] > 0 and len(rep["epoch_losses"]) == 1
-    store = UserStore(os.path.join(run, "users"))
+    store = UserStore(os.path.join(run, "users.sqlite"))
     first = store.get("newcomer")
     assert store.entry("newcomer")["history_digest"] == rep["history_digest"]
     assert max(float((first[k] - p0[k]).abs().max()) for k in first) > 1e-4  # trained away from P0
@@ -70,24 +70,23 @@ def test_personalize_retrain_and_forget(moved_run, monkeypatch):
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(st, "save_file", crash)
+    monkeypatch.setattr(st, "save", crash)  # serializing the new shift fails
     with pytest.raises(OSError, match="disk full"):
         pm.personalize({"newcomer": NEW})
     monkeypatch.undo()
-    again = UserStore(os.path.join(run, "users"))
+    again = UserStore(os.path.join(run, "users.sqlite"))
     assert all(torch.equal(again.get("newcomer")[k], first[k]) for k in first)
-    assert not [f for f in os.listdir(os.path.join(run, "users")) if f.startswith(".tmp-")]
+    assert again.verify() == []
 
     # a retraining that succeeds replaces it, and the next answer uses the new shift
     rep2 = pm.personalize({"newcomer": NEW})["newcomer"]
     assert rep2["history_digest"] != rep["history_digest"] and rep2["items"] == 3
-    second = UserStore(os.path.join(run, "users")).get("newcomer")
+    second = UserStore(os.path.join(run, "users.sqlite")).get("newcomer")
     assert torch.equal(pm._user_tensors("newcomer")["layer.1.weight"].cpu(), second["layer.1.weight"])
     assert not torch.equal(second["layer.1.weight"], first["layer.1.weight"])
 
     assert pm.forget("newcomer") is True
-    assert "newcomer" not in UserStore(os.path.join(run, "users")).index
-    assert not os.path.exists(os.path.join(run, "users", user_file("newcomer")))
+    assert "newcomer" not in UserStore(os.path.join(run, "users.sqlite")).users()
     assert pm.generate(["newcomer"], ["a film"]).without_personal_shift == ["newcomer"]
     assert pm.forget("newcomer") is False
 
@@ -100,7 +99,7 @@ def test_personalize_validates_items_and_writes_nothing(moved_run):
     msg = str(e.value)
     assert "user 'a' profile item 0: field 'tag' value 'horror' is not one of the task's 15 labels" in msg
     assert "user 'b': no history items" in msg and "user 'c' profile item 0: missing field 'description'" in msg
-    assert set(UserStore(os.path.join(run, "users")).index) == {"u0000", "u0001", "u0002"}
+    assert set(UserStore(os.path.join(run, "users.sqlite")).users()) == {"u0000", "u0001", "u0002"}
 
 
 def test_cli_personalize_and_forget(moved_run, tmp_path, capsys):

@@ -10,7 +10,7 @@ from perfit import pipeline
 from perfit.cli import main
 from perfit.errors import RunStateError
 from perfit.model import PerFitModel
-from perfit.store import UserStore, user_file
+from perfit.store import UserStore
 
 from conftest import run_cfg
 
@@ -36,8 +36,8 @@ def test_end_to_end_outputs(finished_run):
     assert [u["user_id"] for u in allres] == ["u0000", "u0001", "u0002"]
     assert set(allres[0]["query"][0]) == {"id", "gold", "zero_shot", "stage1", "perfit"}
     assert os.path.isfile(os.path.join(run, "task_reft", "ckpt", "shifts.safetensors"))
-    store = UserStore(os.path.join(run, "users"))
-    assert len(store) == 3 and os.path.isfile(os.path.join(run, "users", user_file("u0000")))
+    store = UserStore(os.path.join(run, "users.sqlite"))
+    assert len(store) == 3 and store.users() == ["u0000", "u0001", "u0002"] and store.verify() == []
     e = store.entry("u0001")
     assert e["items"] == e["examples"] == 4 and len(e["history_digest"]) == 24 and len(e["epoch_losses"]) == 1
     assert e["final_loss"] == e["epoch_losses"][0] and e["final_loss"] > 0
@@ -58,13 +58,18 @@ def _mtime(run_dir, *p):
     return os.path.getmtime(os.path.join(run_dir, *p))
 
 
+def _stored_at(run_dir) -> dict:
+    """When each user's shift was written (a retrained user gets a new time)."""
+    return {u: e["stored_at"] for u, e in UserStore(os.path.join(run_dir, "users.sqlite")).entries().items()}
+
+
 def test_rerun_reuses_everything(own_run, caplog):
     cfg, run = own_run
-    before = (_mtime(run, "task_reft", "ckpt", "shifts.safetensors"), _mtime(run, "users", user_file("u0001")))
+    before = (_mtime(run, "task_reft", "ckpt", "shifts.safetensors"), _stored_at(run))
     caplog.set_level("INFO", logger="perfit")
     pipeline.run(cfg)
     assert "reusing checkpoint" in caplog.text and "3 users already in the store, 0 to train" in caplog.text
-    assert (_mtime(run, "task_reft", "ckpt", "shifts.safetensors"), _mtime(run, "users", user_file("u0001"))) == before
+    assert (_mtime(run, "task_reft", "ckpt", "shifts.safetensors"), _stored_at(run)) == before
 
 
 def test_learning_rates_never_share_a_run_dir(own_run, caplog):
@@ -78,10 +83,10 @@ def test_learning_rates_never_share_a_run_dir(own_run, caplog):
     ulr = pipeline.run(dataclasses.replace(cfg, user_lr=5e-3))
     assert ulr["run_dir"] not in (run, lr["run_dir"])
     assert "reusing the checkpoint of" in caplog.text and "stage 1: 12 examples" not in caplog.text
-    a, b = UserStore(os.path.join(run, "users")).get("u0001"), UserStore(os.path.join(ulr["run_dir"], "users")).get("u0001")
+    a, b = UserStore(os.path.join(run, "users.sqlite")).get("u0001"), UserStore(os.path.join(ulr["run_dir"], "users.sqlite")).get("u0001")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4  # other personal shifts
     # the original run is untouched
-    assert UserStore(os.path.join(run, "users")).config["settings"]["user_lr"] == cfg.user_lr
+    assert UserStore(os.path.join(run, "users.sqlite")).config["settings"]["user_lr"] == cfg.user_lr
 
 
 def test_explicit_run_dir_with_other_settings_is_refused_or_overwritten(own_run, caplog):
@@ -95,7 +100,7 @@ def test_explicit_run_dir_with_other_settings_is_refused_or_overwritten(own_run,
     caplog.set_level("INFO", logger="perfit")
     res = pipeline.run(dataclasses.replace(cfg, run_dir_name=name, lr=5e-3, overwrite=1))
     assert res["run_dir"] == run and "stage 1: 12 examples" in caplog.text and "emptying the user store" in caplog.text
-    assert UserStore(os.path.join(run, "users")).config["stage1_key"] == json.load(
+    assert UserStore(os.path.join(run, "users.sqlite")).config["stage1_key"] == json.load(
         open(os.path.join(run, "task_reft", "ckpt", "config.json")))["stage1_key"]
 
 
@@ -110,13 +115,13 @@ def test_stage2_retrains_only_users_whose_history_changed(tiny_model_dir, data, 
     users = json.load(open(path))
     users[1]["profile"] = users[1]["profile"][:-1]
     json.dump(users, open(path, "w"))
-    before = {u: _mtime(run, "users", user_file(u)) for u in ("u0000", "u0001", "u0002")}
+    before = _stored_at(run)
     caplog.set_level("INFO", logger="perfit")
     assert pipeline.run(cfg)["run_dir"] == run
-    after = {u: _mtime(run, "users", user_file(u)) for u in before}
+    after = _stored_at(run)
     assert "reusing checkpoint" in caplog.text and "2 users already in the store, 1 to train" in caplog.text
     assert after["u0000"] == before["u0000"] and after["u0002"] == before["u0002"] and after["u0001"] != before["u0001"]
-    assert UserStore(os.path.join(run, "users")).entry("u0001")["items"] == 3
+    assert UserStore(os.path.join(run, "users.sqlite")).entry("u0001")["items"] == 3
 
 
 def test_predict_from_run_dir_alone(own_run, monkeypatch, capsys):
@@ -159,12 +164,11 @@ def test_cli_generate_from_a_run(finished_run, capsys):
 
 def test_stage2_rerun_keeps_stored_users(own_run, caplog):
     cfg, run = own_run
-    users = os.path.join(run, "users")
-    before = {f: os.path.getmtime(os.path.join(users, f)) for f in os.listdir(users)}
+    before = _stored_at(run)
     caplog.set_level("INFO", logger="perfit")
     pipeline.stage2_only(cfg)
     assert "3 users already in the store, 0 to train" in caplog.text
-    assert {f: os.path.getmtime(os.path.join(users, f)) for f in os.listdir(users)} == before
+    assert _stored_at(run) == before
 
 
 def test_headline_task_end_to_end(tiny_model_dir, data, tmp_path):

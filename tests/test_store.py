@@ -1,6 +1,9 @@
 import json
 import os
+import sqlite3
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ import torch
 from perfit.data import write_json_atomic
 from perfit.errors import RunStateError
 from perfit.shifts import Shifter
-from perfit.store import UserStore, save_safetensors_atomic, user_file
+from perfit.store import UserStore, save_safetensors_atomic
 
 
 def _tensors(sh, users):
@@ -16,42 +19,93 @@ def _tensors(sh, users):
 
 
 def test_user_ids_are_data_never_paths(tmp_path):
-    ids = ["../../etc/passwd", "a/b", "", "C:\\x", "ünïcode user", "x" * 500]
+    ids = ["../../etc/passwd", "a/b", "", "C:\\x", "ünïcode user", "x" * 500, "'; DROP TABLE users; --"]
     sh = Shifter(16, [0, 1], 2, 3, num_users=len(ids), seed=0)
-    store = UserStore(str(tmp_path / "users"), {"key": "k"})
+    store = UserStore(str(tmp_path / "users.sqlite"), {"key": "k"})
     store.put_many(_tensors(sh, ids))
-    assert sorted(os.listdir(tmp_path)) == ["users"]  # nothing escaped the store folder
-    names = set(os.listdir(tmp_path / "users"))
-    assert names == {"index.json", "store_config.json"} | {user_file(u) for u in ids}
-    again = UserStore(str(tmp_path / "users"))
+    assert {f for f in os.listdir(tmp_path)} <= {"users.sqlite", "users.sqlite-wal", "users.sqlite-shm"}
+    again = UserStore(str(tmp_path / "users.sqlite"))
+    assert again.users() == ids and len(again) == len(ids)
     fresh = Shifter(16, [0, 1], 2, 3, num_users=len(ids), seed=9)
     for k, u in enumerate(ids):
         fresh.load_user_state(k, again.get(u))
     for l in sh.layers:
         for n, p in sh.personal[str(l)].named_parameters():
             assert torch.equal(p, dict(fresh.personal[str(l)].named_parameters())[n])
-    assert again.bytes_per_user() > 2 * (2 * 16 * 3 + 3) * 4
+    raw = 2 * (2 * 16 * 3 + 3) * 4
+    assert raw < again.bytes_per_user() < raw + 600  # the tensors plus the safetensors header (~75 bytes a tensor)
 
 
 def test_store_refuses_another_key_and_missing_users(tmp_path):
-    UserStore(str(tmp_path), {"key": "a", "settings": {"rank": 4}})
+    UserStore(str(tmp_path / "s.sqlite"), {"key": "a", "settings": {"rank": 4}})
     with pytest.raises(RunStateError, match="rank: 4 vs 8"):
-        UserStore(str(tmp_path), {"key": "b", "settings": {"rank": 8}})
+        UserStore(str(tmp_path / "s.sqlite"), {"key": "b", "settings": {"rank": 8}})
     with pytest.raises(KeyError, match="'nobody' is not in the store"):
-        UserStore(str(tmp_path)).get("nobody")
+        UserStore(str(tmp_path / "s.sqlite")).get("nobody")
     with pytest.raises(RunStateError, match="not a user store"):
-        UserStore(str(tmp_path / "nothing"))
+        UserStore(str(tmp_path / "nothing.sqlite"))
 
 
-def test_delete_removes_file_and_record(tmp_path):
+def test_delete_removes_the_row_and_its_record(tmp_path):
     sh = Shifter(16, [0], 2, 2, num_users=2)
-    store = UserStore(str(tmp_path), {"key": "k"})
+    store = UserStore(str(tmp_path / "s.sqlite"), {"key": "k"})
     store.put_many(_tensors(sh, ["a", "b"]), {"a": {"examples": 3}})
-    assert store.entry("a")["examples"] == 3 and "stored_at" in store.entry("a")
+    assert store.entry("a")["examples"] == 3 and store.entry("a")["stored_at"] > 0
     assert store.delete("a") is True and store.delete("a") is False
-    assert not os.path.exists(tmp_path / user_file("a"))
-    assert set(json.load(open(tmp_path / "index.json"))) == {"b"} and "a" not in UserStore(str(tmp_path))
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    assert "a" not in UserStore(str(tmp_path / "s.sqlite")) and set(store.entries()) == {"b"}
+    with sqlite3.connect(tmp_path / "s.sqlite") as db:  # nothing of the user is left in the file's tables
+        assert db.execute("SELECT COUNT(*) FROM users WHERE user_id = 'a'").fetchone()[0] == 0
+
+
+_WRITER = """
+import sys, torch
+from perfit.store import UserStore
+store = UserStore(sys.argv[1], {"key": "k"})
+users = sys.argv[2].split(",")
+store.put_many({u: {"w": torch.full((64,), float(i))} for i, u in enumerate(users)}, {u: {"n": 1} for u in users})
+"""
+
+
+def _writer(path, users, env=None):
+    return subprocess.Popen([sys.executable, "-c", _WRITER, path, ",".join(users)], env=(os.environ | (env or {})),
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_group_is_written_whole_or_not_at_all(tmp_path):
+    """A writer killed (SIGKILL) in the middle of writing a group leaves none of it; the store stays valid."""
+    path = str(tmp_path / "s.sqlite")
+    UserStore(path, {"key": "k"}).put_many({"old": {"w": torch.zeros(64)}})
+    p = _writer(path, ["a", "b", "c"], {"PERFIT_FAULT": "store.mid_write"})
+    assert p.wait(60) == -9
+    store = UserStore(path)
+    assert store.users() == ["old"] and store.verify() == []
+    assert _writer(path, ["a", "b", "c"]).wait(60) == 0
+    assert UserStore(path).users() == ["old", "a", "b", "c"]
+
+
+def test_two_writers_at_once_both_land(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    UserStore(path, {"key": "k"})
+    procs = [_writer(path, [f"p{k}-{i}" for i in range(50)]) for k in range(2)]
+    assert [p.wait(120) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    store = UserStore(path)
+    assert len(store) == 100 and store.verify() == []
+
+
+def test_export_import_round_trip_and_verify_finds_corruption(tmp_path):
+    sh = Shifter(16, [0, 1], 2, 3, num_users=3, seed=0)
+    store = UserStore(str(tmp_path / "a.sqlite"), {"key": "k", "settings": {"x": 1}})
+    store.put_many(_tensors(sh, ["u1", "u2", "u3"]), {"u2": {"items": 5}})
+    assert store.export(str(tmp_path / "out")) == 3
+    back = UserStore.import_folder(str(tmp_path / "out"), str(tmp_path / "b.sqlite"))
+    assert back.config == store.config and back.users() == ["u1", "u2", "u3"] and back.entry("u2")["items"] == 5
+    assert all(torch.equal(back.get("u3")[k], store.get("u3")[k]) for k in store.get("u3"))
+    with sqlite3.connect(tmp_path / "b.sqlite") as db:  # flip bytes of one stored shift behind the store's back
+        blob = bytearray(db.execute("SELECT tensors FROM users WHERE user_id = 'u2'").fetchone()[0])
+        blob[-3] ^= 0xFF
+        db.execute("UPDATE users SET tensors = ? WHERE user_id = 'u2'", (bytes(blob),))
+    problems = UserStore(str(tmp_path / "b.sqlite")).verify()
+    assert len(problems) == 1 and "user 'u2': checksum mismatch" in problems[0]
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):

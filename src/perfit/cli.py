@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(ServeConfig):
         p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, required=f.name == "run_dir",
                        help=f"{f.metadata['help']} (default: {f.default!r})")
+    help = "operate a run's user store: ls, show, export, import, verify"
+    p = sub.add_parser("store", help=help, description=help)
+    p.add_argument("action", choices=["ls", "show", "export", "import", "verify"])
+    p.add_argument("--run_dir", required=True)
+    p.add_argument("--user_id", default="", help="show: the user to show.")
+    p.add_argument("--to", default="", help="export: a folder (one safetensors file per user + index.json).")
+    p.add_argument("--from", dest="source", default="",
+                   help="import: a folder in that layout (an export, or the users/ folder of a run made before the "
+                        "SQLite store).")
     help = "remove everything stored about a user from a run (its shift and its record)"
     p = sub.add_parser("forget", help=help, description=help)
     p.add_argument("--run_dir", required=True)
@@ -108,6 +117,42 @@ def _read_histories(path: str) -> dict[str, list]:
                                               and isinstance(u.get("profile"), list) for u in users):
         raise DataError([f"--history {path}: expected a list of {{user_id, profile: [history items]}}"])
     return {str(u["user_id"]): u["profile"] for u in users}
+
+
+def _store_command(args) -> int:
+    from .errors import RunStateError
+    from .model import USERS, load_run_config, run_store
+    from .store import UserStore
+
+    if args.action == "import":
+        if not args.source:
+            raise RunStateError("perfit store import needs --from FOLDER")
+        load_run_config(args.run_dir)
+        path = os.path.join(args.run_dir, USERS)
+        if os.path.exists(path):
+            raise RunStateError(f"{path} exists already; import into a run without a store (or move it away first)")
+        store = UserStore.import_folder(args.source, path)
+        print(json.dumps({"imported": len(store), "store": path}))
+        return 0
+    store = run_store(args.run_dir)
+    if args.action == "ls":
+        for uid, e in store.entries().items():
+            print(json.dumps({"user_id": uid} | {k: e.get(k) for k in ("items", "final_loss", "trained_at", "stored_at", "bytes")}))
+    elif args.action == "show":
+        t = store.get(args.user_id) if args.user_id in store else None
+        if t is None:
+            raise RunStateError(f"user {args.user_id!r} is not in {store.path}")
+        print(json.dumps({"user_id": args.user_id, **store.entry(args.user_id),
+                          "tensors": {k: list(v.shape) for k, v in t.items()}}, indent=1))
+    elif args.action == "export":
+        if not args.to:
+            raise RunStateError("perfit store export needs --to FOLDER")
+        print(json.dumps({"exported": store.export(args.to), "to": args.to}))
+    else:
+        problems = store.verify()
+        print(json.dumps({"users": len(store), "problems": problems}, indent=1))
+        return 1 if problems else 0
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             sc = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
             check_fields(sc)
             serve(sc)
+        elif args.command == "store":
+            return _store_command(args)
         elif args.command == "compare":
             from .compare import compare
 

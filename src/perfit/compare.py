@@ -118,7 +118,7 @@ def _stage1(exp, cfg) -> dict:
 def _personal_cost(exp, pm: PerFitModel) -> dict:
     n = len(exp.data.test_users)
     return {"params_per_user": pm.collective.personal_parameters(), "bytes_per_user": pm.store.bytes_per_user(),
-            "train_seconds_per_user": sum(pm.store.index[u.user_id]["train_seconds"] for u in exp.data.test_users) / n}
+            "train_seconds_per_user": sum(pm.store.entry(u.user_id)["train_seconds"] for u in exp.data.test_users) / n}
 
 
 def _perfit(exp, cfg) -> dict:
@@ -204,7 +204,8 @@ def _lora_method(exp, cfg, method: str) -> dict:
     upm = lora.add_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed + 1)
     init = lora.adapter_state(upm)
     keys = artifact_keys(cfg, exp.fingerprints)
-    store = UserStore(_baseline_dir(exp, "oppu"), {"key": keys["oppu"], "settings": settings | {"oppu_lr": cfg.oppu_lr}})
+    store = UserStore(os.path.join(_baseline_dir(exp, "oppu"), "users.sqlite"),
+                      {"key": keys["oppu"], "settings": settings | {"oppu_lr": cfg.oppu_lr}})
     from .store import history_digest
 
     preds = [""] * len(prompts)
@@ -212,7 +213,7 @@ def _lora_method(exp, cfg, method: str) -> dict:
     for u in exp.data.test_users:
         examples = pmodel.personal_examples(u.user_id, u.profile)
         digest = history_digest(examples)
-        if u.user_id in store and store.index[u.user_id].get("history_digest") == digest:
+        if u.user_id in store and store.entry(u.user_id).get("history_digest") == digest:
             lora.load_adapter(upm, store.get(u.user_id))
         else:
             lora.load_adapter(upm, init)
@@ -230,7 +231,7 @@ def _lora_method(exp, cfg, method: str) -> dict:
     n = len(exp.data.test_users)
     return _record(exp, method, preds, device, params_shared=shared_params, params_per_user=lora.lora_parameters(upm),
                    bytes_per_user=store.bytes_per_user(), train_seconds_shared=shared_s,
-                   train_seconds_per_user=sum(store.index[u.user_id]["train_seconds"] for u in exp.data.test_users) / n,
+                   train_seconds_per_user=sum(store.entry(u.user_id)["train_seconds"] for u in exp.data.test_users) / n,
                    generate_seconds_per_query=gen_s / len(qids), settings=settings | {"oppu_lr": cfg.oppu_lr, "user_epochs": c.max_epoch})
 
 

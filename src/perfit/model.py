@@ -34,7 +34,7 @@ from .errors import RunStateError
 from .generate import GenerationOutput, greedy_generate
 from .prompts import Example, PromptBuilder
 from .shifts import Shifter
-from .store import UserStore, history_digest, save_safetensors_atomic
+from .store import UserStore, history_digest, legacy_store_message, save_safetensors_atomic
 from .tasks import get_task
 from .train import TrainStats, train_shifts
 
@@ -42,7 +42,8 @@ log = logging.getLogger("perfit")
 CONFIG_FILE = "config.json"
 PROMPTS_FILE = "prompts.json"
 CKPT = os.path.join("task_reft", "ckpt")
-USERS = "users"
+USERS = "users.sqlite"
+LEGACY_USERS = "users"
 VARIANTS = ("zero_shot", "stage1", "perfit")
 
 
@@ -216,22 +217,30 @@ class PerFitModel:
     def open_store(self, overwrite: bool = False) -> UserStore:
         """The run's user store, checked against the current settings (a store made otherwise is an error unless
         `overwrite`, which empties it)."""
-        root = os.path.join(self.run_dir, USERS)
+        path = self._store_path()
         try:
-            self._store = UserStore(root, self.store_config())
+            self._store = UserStore(path, self.store_config())
         except RunStateError:
             if not overwrite:
                 raise
-            log.info("--overwrite: emptying the user store %s made with other settings", root)
-            shutil.rmtree(root)
-            self._store = UserStore(root, self.store_config())
+            log.info("--overwrite: emptying the user store %s made with other settings", path)
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.unlink(path + suffix)
+            self._store = UserStore(path, self.store_config())
         return self._store
+
+    def _store_path(self) -> str:
+        path, legacy = os.path.join(self.run_dir, USERS), os.path.join(self.run_dir, LEGACY_USERS)
+        if not os.path.isfile(path) and os.path.isfile(os.path.join(legacy, "index.json")):
+            raise RunStateError(legacy_store_message(legacy, self.run_dir))
+        return path
 
     @property
     def store(self) -> UserStore:
         if self._store is None:
-            root = os.path.join(self.run_dir, USERS)
-            self._store = UserStore(root) if os.path.isfile(os.path.join(root, "store_config.json")) else self.open_store()
+            path = self._store_path()
+            self._store = UserStore(path) if os.path.isfile(path) else self.open_store()
         return self._store
 
     def has_user(self, user_id: str) -> bool:
@@ -246,7 +255,7 @@ class PerFitModel:
     def is_current(self, user_id: str, items: list[dict]) -> bool:
         """The user is stored and its shift was trained on exactly these items."""
         return user_id in self.store and \
-            self.store.index[user_id].get("history_digest") == history_digest(self.personal_examples(user_id, items))
+            self.store.entry(user_id).get("history_digest") == history_digest(self.personal_examples(user_id, items))
 
     # ------------------------------------------------------------------ stage 2
 
@@ -393,10 +402,18 @@ class CompletionResult:
     personal_shift: bool
 
 
+def run_store(run_dir: str) -> UserStore:
+    """A run's user store on its own (no model), or a clear error (no run dir; a store in the earlier layout)."""
+    load_run_config(run_dir)
+    path, legacy = os.path.join(run_dir, USERS), os.path.join(run_dir, LEGACY_USERS)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(legacy, "index.json")):
+        raise RunStateError(legacy_store_message(legacy, run_dir))
+    return UserStore(path)
+
+
 def forget_user(run_dir: str, user_id: str, store: UserStore | None = None) -> bool:
     """`PerFitModel.forget` without loading a model (what `perfit forget` runs)."""
-    load_run_config(run_dir)  # a run dir, or a clear error
-    return (store or UserStore(os.path.join(run_dir, USERS))).delete(user_id)
+    return (store or run_store(run_dir)).delete(user_id)
 
 
 def _config_diff(a: dict, b: dict) -> str:

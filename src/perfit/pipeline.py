@@ -191,7 +191,8 @@ def write_outputs(exp: Experiment, pm: PerFitModel, preds: dict) -> dict:
     task, golds, run, t = exp.data.task, exp.golds, exp.run_dir, exp.timings
     # stage-2 time is the stored users' own training time, so a later `predict` reports it too
     s1 = t.get("stage1_train_seconds", 0.0)
-    s2 = sum(pm.store.index.get(u.user_id, {}).get("train_seconds", 0.0) for u in exp.data.test_users)
+    stored = pm.store.entries()
+    s2 = sum(stored.get(u.user_id, {}).get("train_seconds", 0.0) for u in exp.data.test_users)
     sh = pm.collective
     results = {"task": task.name, "run_dir": run, "model": dataclasses.asdict(pm.info), "variants": {}}
     train_s = {"zero_shot": 0.0, "stage1": s1, "perfit": s1 + s2}
@@ -266,7 +267,7 @@ def stage2_only(cfg: RunConfig, backbone: Backbone | None = None) -> str:
     _require_stage1(exp, pm)
     scan_training_data(exp, collect=False)
     ensure_users(exp, pm)
-    return pm.store.root
+    return pm.store.path
 
 
 def predict_only(cfg: RunConfig | None = None, run_dir: str | None = None, backbone: Backbone | None = None) -> dict:
@@ -283,6 +284,6 @@ def predict_only(cfg: RunConfig | None = None, run_dir: str | None = None, backb
     exp.timings["stage1_train_seconds"] = pm.stage1_meta.get("train_seconds", 0.0)
     stale = [u.user_id for u in exp.data.test_users if not pm.is_current(u.user_id, u.profile)]
     if stale:
-        raise RunStateError(f"{pm.store.root}: no personal shift trained on the current history for users {stale[:10]}; "
+        raise RunStateError(f"{pm.store.path}: no personal shift trained on the current history for users {stale[:10]}; "
                             f"run `perfit stage2` first")
     return write_outputs(exp, pm, predict_variants(exp, pm))

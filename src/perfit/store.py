@@ -1,28 +1,48 @@
-"""The per-user shift store: one safetensors file per user, an index, atomic writes.
+"""The per-user shift store: one SQLite file (standard library, WAL mode), each user a row holding its shift as a
+safetensors blob, the blob's SHA-256 and the user's record (what it was trained on, when, its loss).
 
-A user id is data, never a path: files are named by a hash of the id. Every entry is written to a temporary file
-and renamed into place, and the index is rewritten atomically after it, so a crash never loses a user that was
-already stored nor leaves a half-written one that loads; a retrained user's new file replaces the old one in one
-rename. Each entry records what the user was trained on (`history_digest`), so a user whose history changed is
-never served a stale shift by a batch run."""
+- A write is a transaction: a group of users is either wholly stored or absent, and a user id is data (a primary
+  key), never a path.
+- Many readers and one writer at a time (WAL); a writer that finds the file busy waits (`busy_timeout`) instead of
+  failing; every commit is synced (`synchronous=FULL`).
+- 1 KiB pages: a shift of tens of KB spans overflow pages almost without slack (bytes on disk stay within a few
+  percent of the tensors' own bytes).
+- Connections are per thread (a server's request threads read while its worker writes).
+
+The interchange format of `export` / `import` is the earlier layout (a folder of `user-<hash>.safetensors` files and
+an `index.json`), so runs made before the SQLite store convert with one command."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sqlite3
+import threading
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save
 
 from .data.schema import atomic_path, write_json_atomic
 from .errors import RunStateError
+from .faults import fault_point
 
-INDEX = "index.json"
-CONFIG = "store_config.json"
+BUSY_TIMEOUT_S = 60.0
+LEGACY_INDEX, LEGACY_CONFIG = "index.json", "store_config.json"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY,
+    tensors BLOB NOT NULL,      -- the shift, as safetensors bytes
+    sha256 TEXT NOT NULL,       -- of `tensors`
+    info TEXT NOT NULL,         -- JSON: history_digest, items, examples, epoch_losses, final_loss, train_seconds, ...
+    stored_at REAL NOT NULL
+);
+"""
 
 
 def user_file(user_id: str) -> str:
+    """The file name of a user in the exported (earlier) layout: a hash of the id, never the id."""
     return "user-" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:24] + ".safetensors"
 
 
@@ -36,81 +56,203 @@ def history_digest(examples) -> str:
 
 def save_safetensors_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     with atomic_path(path, ".safetensors") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "wb") as f:
+            f.write(_blob(tensors, metadata))
+
+
+def _blob(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+
+
+def legacy_store_message(folder: str, run_dir: str) -> str:
+    return (f"{folder}: a user store in the earlier layout (one file per user and an index); convert it once with: "
+            f"perfit store import --run_dir {run_dir} --from {folder}")
 
 
 class UserStore:
-    """Folder of per-user tensors. `config` ({"key": ..., "settings": {...}}: what the stored shifts were trained
-    with and on top of) is stored beside them so the store loads without the command line; opening a store with
+    """Per-user tensors in one SQLite file. `config` ({"key": ..., "settings": {...}}: what the stored shifts were
+    trained with and on top of) is kept in the file, so the store loads without the command line; opening a store with
     another key is refused."""
 
-    def __init__(self, root: str, config: dict | None = None):
-        self.root = root
-        cfg_path = os.path.join(root, CONFIG)
-        if os.path.isfile(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                stored = json.load(f)
-            if config is not None and stored.get("key") != config.get("key"):
-                raise RunStateError(f"{cfg_path}: the user store was made with other settings or data "
-                                    f"({_diff(stored.get('settings', stored), config.get('settings', config))}); "
-                                    f"use another run dir, or --overwrite 1 to retrain and replace it")
-            self.config = stored
-        elif config is None:
-            raise RunStateError(f"{cfg_path}: not a user store")
-        else:
-            os.makedirs(root, exist_ok=True)
-            write_json_atomic(cfg_path, config)
-            self.config = config
-        ip = os.path.join(root, INDEX)
-        self.index: dict[str, dict] = {}
-        if os.path.isfile(ip):
-            with open(ip, encoding="utf-8") as f:
-                self.index = json.load(f)
+    def __init__(self, path: str, config: dict | None = None):
+        self.path = path
+        self._local = threading.local()
+        exists = os.path.isfile(path)
+        if not exists and config is None:
+            raise RunStateError(f"{path}: not a user store")
+        if not exists:
+            os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        db = self._db()
+        if not exists:
+            with self._write() as c:
+                c.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config),))
+        stored = self._meta("config")
+        if stored is None:  # created by a process killed before its first commit
+            if config is None:
+                raise RunStateError(f"{path}: not a user store (no config)")
+            with self._write() as c:
+                c.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config),))
+            stored = config
+        if config is not None and stored.get("key") != config.get("key"):
+            raise RunStateError(f"{path}: the user store was made with other settings or data "
+                                f"({_diff(stored.get('settings', stored), config.get('settings', config))}); "
+                                f"use another run dir, or --overwrite 1 to retrain and replace it")
+        self.config = stored
+        del db
+
+    # ---------------------------------------------------------------- connections and transactions
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            if db.execute("PRAGMA page_count").fetchone()[0] == 0:
+                db.execute("PRAGMA page_size = 1024")  # only before the first table exists
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            db.executescript(_SCHEMA)
+            self._local.db = db
+        return db
+
+    class _Tx:
+        def __init__(self, db):
+            self.db = db
+
+        def __enter__(self):
+            self.db.execute("BEGIN IMMEDIATE")  # the write lock now: a second writer waits, never interleaves
+            return self.db
+
+        def __exit__(self, kind, value, tb):
+            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+    def _write(self) -> "_Tx":
+        return UserStore._Tx(self._db())
+
+    def _meta(self, k: str):
+        row = self._db().execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # ---------------------------------------------------------------- reading
 
     def __contains__(self, user_id: str) -> bool:
-        return user_id in self.index and os.path.isfile(os.path.join(self.root, self.index[user_id]["file"]))
+        return self._db().execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone() is not None
 
     def __len__(self) -> int:
-        return len(self.index)
+        return self._db().execute("SELECT COUNT(*) FROM users").fetchone()[0]
 
     def users(self) -> list[str]:
-        return list(self.index)
+        return [r[0] for r in self._db().execute("SELECT user_id FROM users ORDER BY rowid")]
 
     def entry(self, user_id: str) -> dict:
         """What is stored about a user besides its tensors (trained at, items, digest, loss, seconds)."""
-        if user_id not in self:
-            raise KeyError(f"user {user_id!r} is not in the store {self.root}")
-        return {k: v for k, v in self.index[user_id].items() if k != "file"}
+        row = self._db().execute("SELECT info, stored_at, length(tensors) FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"user {user_id!r} is not in the store {self.path}")
+        return json.loads(row[0]) | {"stored_at": row[1], "bytes": row[2]}
 
-    def put_many(self, tensors_of: dict[str, dict[str, torch.Tensor]], info: dict[str, dict] | None = None) -> None:
-        """Store {user_id: tensors}; each user's file is replaced in one rename, then the index is rewritten."""
-        for uid, tensors in tensors_of.items():
-            fn = user_file(uid)
-            save_safetensors_atomic(os.path.join(self.root, fn), tensors, {"user_id": uid})
-            self.index[uid] = {"file": fn, "stored_at": round(time.time(), 3), **(info or {}).get(uid, {})}
-        write_json_atomic(os.path.join(self.root, INDEX), self.index)
+    def entries(self) -> dict[str, dict]:
+        return {u: json.loads(i) | {"stored_at": t, "bytes": n}
+                for u, i, t, n in self._db().execute("SELECT user_id, info, stored_at, length(tensors) FROM users ORDER BY rowid")}
 
     def get(self, user_id: str) -> dict[str, torch.Tensor]:
-        if user_id not in self:
-            raise KeyError(f"user {user_id!r} is not in the store {self.root}")
-        return load_file(os.path.join(self.root, self.index[user_id]["file"]))
-
-    def delete(self, user_id: str) -> bool:
-        """Remove a user's tensors and record. The index goes first: a crash in between leaves an orphan file
-        that nothing reads, never an entry without its file."""
-        entry = self.index.pop(user_id, None)
-        if entry is None:
-            return False
-        write_json_atomic(os.path.join(self.root, INDEX), self.index)
-        try:
-            os.unlink(os.path.join(self.root, entry["file"]))
-        except FileNotFoundError:
-            pass
-        return True
+        row = self._db().execute("SELECT tensors FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"user {user_id!r} is not in the store {self.path}")
+        return load(row[0])
 
     def bytes_per_user(self) -> float:
-        sizes = [os.path.getsize(os.path.join(self.root, e["file"])) for e in self.index.values()]
-        return sum(sizes) / max(len(sizes), 1)
+        """Mean size of the stored shifts (safetensors bytes)."""
+        return self._db().execute("SELECT COALESCE(AVG(length(tensors)), 0) FROM users").fetchone()[0]
+
+    # ---------------------------------------------------------------- writing
+
+    def put_many(self, tensors_of: dict[str, dict[str, torch.Tensor]], info: dict[str, dict] | None = None) -> None:
+        """Store {user_id: tensors} in one transaction: all of them, or (after a crash) none. A stored user is
+        replaced by its new row in the same step."""
+        now = round(time.time(), 3)
+        rows = []
+        for uid, tensors in tensors_of.items():
+            blob = _blob(tensors)  # the row holds the id; the blob only the tensors
+            rows.append((uid, blob, hashlib.sha256(blob).hexdigest(), json.dumps((info or {}).get(uid, {})), now))
+        with self._write() as c:
+            for k, row in enumerate(rows):
+                c.execute("INSERT OR REPLACE INTO users VALUES (?, ?, ?, ?, ?)", row)
+                if k == 0:
+                    fault_point("store.mid_write")
+
+    def delete(self, user_id: str) -> bool:
+        with self._write() as c:
+            return c.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount > 0
+
+    # ---------------------------------------------------------------- operators
+
+    def verify(self) -> list[str]:
+        """Every problem found: SQLite's own integrity check, then each row's checksum and tensors."""
+        db = self._db()
+        problems = [f"{self.path}: sqlite integrity: {r[0]}" for r in db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        names = None
+        for uid, blob, sha, info in db.execute("SELECT user_id, tensors, sha256, info FROM users ORDER BY rowid"):
+            where = f"{self.path}: user {uid!r}"
+            if hashlib.sha256(blob).hexdigest() != sha:
+                problems.append(f"{where}: checksum mismatch (the shift's bytes changed after they were stored)")
+                continue
+            try:
+                t = load(blob)
+                json.loads(info)
+            except Exception as e:  # noqa: BLE001 - a corrupt row is a finding, not a crash
+                problems.append(f"{where}: unreadable ({type(e).__name__}: {e})")
+                continue
+            if names is None:
+                names = sorted(t)
+            if sorted(t) != names:
+                problems.append(f"{where}: tensors {sorted(t)[:4]}... differ from the other users' {names[:4]}...")
+            if any(not torch.isfinite(v).all() for v in t.values()):
+                problems.append(f"{where}: non-finite values")
+        return problems
+
+    def export(self, folder: str) -> int:
+        """The users as one safetensors file each plus index.json and store_config.json (the earlier layout)."""
+        os.makedirs(folder, exist_ok=True)
+        index = {}
+        for uid, blob, info, t in self._db().execute("SELECT user_id, tensors, info, stored_at FROM users ORDER BY rowid"):
+            fn = user_file(uid)
+            with atomic_path(os.path.join(folder, fn), ".safetensors") as tmp:
+                with open(tmp, "wb") as f:
+                    f.write(blob)
+            index[uid] = {"file": fn, "stored_at": t, **json.loads(info)}
+        write_json_atomic(os.path.join(folder, LEGACY_CONFIG), self.config)
+        write_json_atomic(os.path.join(folder, LEGACY_INDEX), index)
+        return len(index)
+
+    @classmethod
+    def import_folder(cls, folder: str, path: str) -> "UserStore":
+        """A store made from a folder in the earlier layout (what `export` writes, or a run's old `users/`), in one
+        transaction."""
+        cfg_path, idx_path = os.path.join(folder, LEGACY_CONFIG), os.path.join(folder, LEGACY_INDEX)
+        if not os.path.isfile(cfg_path):
+            raise RunStateError(f"{folder}: not a user store folder (no {LEGACY_CONFIG})")
+        with open(cfg_path, encoding="utf-8") as f:
+            config = json.load(f)
+        index = {}
+        if os.path.isfile(idx_path):
+            with open(idx_path, encoding="utf-8") as f:
+                index = json.load(f)
+        store = cls(path, config if "key" in config else {"key": "imported", "settings": config})
+        tensors = {u: load_file(os.path.join(folder, e["file"])) for u, e in index.items()}
+        store.put_many(tensors, {u: {k: v for k, v in e.items() if k not in ("file", "stored_at")} for u, e in index.items()})
+        return store
+
+    def disk_bytes(self) -> int:
+        """The file's size once the write-ahead log is folded into it."""
+        self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return os.path.getsize(self.path)
 
 
 def _diff(a: dict, b: dict) -> str:
