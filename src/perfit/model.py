@@ -31,17 +31,20 @@ from .batching import tokenize_examples, tokenize_prompt
 from .config import RunConfig, artifact_keys, from_dict, parse_positions, to_dict
 from .data import DataError, validate_items, write_json_atomic
 from .errors import RunStateError
+from .faults import fault_point
 from .generate import GenerationOutput, greedy_generate
 from .prompts import Example, PromptBuilder
 from .shifts import Shifter
 from .store import UserStore, history_digest, legacy_store_message, save_safetensors_atomic
 from .tasks import get_task
 from .train import TrainStats, train_shifts
+from .train.loop import TrainState
 
 log = logging.getLogger("perfit")
 CONFIG_FILE = "config.json"
 PROMPTS_FILE = "prompts.json"
 CKPT = os.path.join("task_reft", "ckpt")
+PARTIAL = os.path.join("task_reft", "stage1_state.safetensors")  # stage 1 in progress
 USERS = "users.sqlite"
 LEGACY_USERS = "users"
 VARIANTS = ("zero_shot", "stage1", "perfit")
@@ -62,6 +65,20 @@ def load_run_config(run_dir: str) -> RunConfig:
         raise RunStateError(f"{path}: not a PerFit run dir (no {CONFIG_FILE}); make one with `perfit run` or `perfit stage1`")
     with open(path, encoding="utf-8") as f:
         return from_dict(RunConfig, json.load(f), where=path)
+
+
+def _load_partial(path: str, key: str) -> TrainState | None:
+    """The saved state of an interrupted stage 1, if it was made with this stage-1 key."""
+    if not os.path.isfile(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("stage1_key") != key:
+            return None
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return TrainState(int(meta["step"]), tensors, json.loads(meta["stats"]))
 
 
 def load_collective(ckpt_dir: str) -> tuple[Shifter, dict]:
@@ -162,27 +179,40 @@ class PerFitModel:
         self._set_collective(sh, meta)
         return True
 
-    def fit_collective(self, examples: list[Example], desc: str = "stage 1") -> TrainStats:
+    def fit_collective(self, examples: list[Example], desc: str = "stage 1", fresh: bool = False) -> TrainStats:
         """Stage 1: the collective shift and the initial personal shift P0 on all `examples` (other users' data),
-        saved to the run's checkpoint (atomically: a crash never leaves one that half-loads)."""
+        saved to the run's checkpoint (atomically: a crash never leaves one that half-loads). The training state is
+        saved at the end of every epoch; a run killed on the way resumes from it (unless `fresh`) to the same result."""
         c = self.cfg
         sh = Shifter(self.info.hidden_size, c.layers, c.low_rank_dimension, c.user_low_rank_dimension, 1, c.seed,
                      c.shift_init).to(self.device)
         ex = tokenize_examples(self.tok, examples, c.max_length)
         for e in ex:
             e.module, e.key = 0, "stage1"
+        key = self.keys()["stage1"]
+        partial = os.path.join(self.run_dir, PARTIAL)
+        resume = None if fresh else _load_partial(partial, key)
+        if resume is not None:
+            log.info("%s: resuming at step %d from %s", desc, resume.step, partial)
+
+        def save_partial(state: TrainState) -> None:
+            meta = {"stage1_key": key, "step": str(state.step), "stats": json.dumps(state.stats)}
+            save_safetensors_atomic(partial, state.tensors, meta)
+
         with sh.attached(self.model):
             stats = train_shifts(self.model, sh, ex, epochs=c.stage1_epochs, batch_size=c.batch_size, lr=c.lr,
                                  train_collective=True, pad_id=self.tok.pad_token_id, first=self.first, last=self.last,
-                                 seed=c.seed, desc=desc, **self._train_kw())
+                                 seed=c.seed, desc=desc, resume=resume, on_epoch=save_partial, **self._train_kw())
         log.info("%s: %d examples, %d steps, loss by epoch %s, %.1fs", desc, len(ex), stats.steps,
                  [round(x, 4) for x in stats.epoch_losses], stats.seconds)
-        meta = {"stage1_key": self.keys()["stage1"], "fingerprints": self.fingerprints, "run_config": to_dict(c),
+        meta = {"stage1_key": key, "fingerprints": self.fingerprints, "run_config": to_dict(c),
                 "shift": {"hidden_size": self.info.hidden_size, "layers": c.layers, "low_rank_dimension": c.low_rank_dimension,
                           "user_low_rank_dimension": c.user_low_rank_dimension, "positions": c.positions},
                 "model": dataclasses.asdict(self.info),
                 "examples": len(ex), "train_seconds": stats.seconds, "stats": dataclasses.asdict(stats)}
         self._write_checkpoint(sh, meta)
+        if os.path.exists(partial):
+            os.unlink(partial)  # after the checkpoint: a crash in between leaves a complete one, the state unused
         self._set_collective(sh, meta)
         return stats
 
@@ -295,6 +325,7 @@ class PerFitModel:
                            "final_loss": losses[-1] if losses else None,
                            "train_seconds": round(stats.seconds / len(group), 3), "trained_at": now}
             store.put_many({u: sh.user_state(module_of[u]) for u in group}, info)
+            fault_point("stage2.group_stored")
             for u in group:
                 self._cached.pop(u, None)
             reports.update(info)

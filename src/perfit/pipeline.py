@@ -160,7 +160,7 @@ def ensure_stage1(exp: Experiment, pm: PerFitModel) -> None:
         log.info("stage 1: reusing checkpoint %s (same stage-1 settings and data)", os.path.join(exp.run_dir, CKPT))
     examples = scan_training_data(exp, collect=not reuse)
     if not reuse:
-        pm.fit_collective(examples)
+        pm.fit_collective(examples, fresh=bool(exp.cfg.overwrite))
     exp.timings["stage1_train_seconds"] = pm.stage1_meta.get("train_seconds", 0.0)
     pm.save_config()
 

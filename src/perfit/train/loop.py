@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ..batching import TokenizedExample
+from ..faults import fault_point
 from ..progress import progress
 from ..shifts import Shifter
 from .caches import compute_frozen_prefix, compute_lower_cache
@@ -53,12 +55,24 @@ def _passes(examples: list[TokenizedExample], rows: list[int], max_rows: int, by
     return out
 
 
+@dataclass
+class TrainState:
+    """Everything needed to continue training exactly where it stopped: the data order is a pure function of the seed
+    and the users' ids, so the position in it is the step index."""
+    step: int
+    tensors: dict  # the shifter's parameters ("param.<name>") and the optimizer's state ("opt.<name>")
+    stats: dict  # TrainStats so far and the loss accumulators, JSON-able
+
+
 def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, epochs: int, batch_size: int, lr: float,
                  train_collective: bool, pad_id: int, first: int, last: int, seed: int = 0, max_rows: int = 32,
                  cache_max_bytes: int = 2 * 1024**3, share_prefix: bool = True, frozen_prefix: bool = True,
-                 disk_cache_dir: str = "", disk_cache_max_bytes: int = 0, desc: str = "training") -> TrainStats:
+                 disk_cache_dir: str = "", disk_cache_max_bytes: int = 0, desc: str = "training",
+                 resume: TrainState | None = None, on_epoch: Callable[[TrainState], None] | None = None) -> TrainStats:
     """Train the personal modules (and the collective one if `train_collective`) on `examples`, each example
-    updating the personal module `example.module`. The shifter must be attached to `model`."""
+    updating the personal module `example.module`. The shifter must be attached to `model`.
+    `on_epoch(state)` is called at the end of every epoch-sized slice of steps; `resume` continues from such a state
+    to the same result as an uninterrupted run."""
     stats = TrainStats(epochs=epochs)
     t0 = time.perf_counter()
     if not examples or epochs == 0:
@@ -84,9 +98,29 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
     per_epoch = max(1, -(-len(steps) // epochs))
     user_acc: dict[tuple[int, int], list[float]] = {}  # (module, epoch) -> [loss sum, tokens]
     acc = [0.0, 0]
-    bar = progress(steps, desc=desc)
+    start, before = 0, 0.0
+    if resume is not None:
+        with torch.no_grad():
+            for n, p in shifter.named_parameters():
+                p.copy_(resume.tensors[f"param.{n}"])
+        opt.load_state_dict({k[4:]: v for k, v in resume.tensors.items() if k.startswith("opt.")})
+        start, st = resume.step, resume.stats
+        stats.steps, stats.examples_seen, stats.first_loss = st["steps"], st["examples_seen"], st["first_loss"]
+        stats.epoch_losses = list(st["epoch_losses"])
+        user_acc = {tuple(map(int, k.split(":"))): v for k, v in st["user_acc"].items()}
+        before = st["seconds"]
+
+    def state(k: int) -> TrainState:
+        tensors = {f"param.{n}": p.detach().clone() for n, p in shifter.named_parameters()}
+        tensors |= {f"opt.{k2}": v for k2, v in opt.state_dict().items()}
+        return TrainState(k, tensors, {"steps": stats.steps, "examples_seen": stats.examples_seen,
+                                       "first_loss": stats.first_loss, "epoch_losses": stats.epoch_losses,
+                                       "user_acc": {f"{u}:{e}": v for (u, e), v in user_acc.items()},
+                                       "seconds": before + time.perf_counter() - t0})
+
+    bar = progress(steps[start:], desc=desc, initial=start, total=len(steps))
     try:
-        for k, step in enumerate(bar):
+        for k, step in enumerate(bar, start=start):
             # each user's loss is the mean over its own target tokens in this step
             tokens_of = {u: sum(len(examples[i].ids) - examples[i].prompt_len for i in idx) for u, _, idx in step}
             epoch_of = {u: e for u, e, _ in step}
@@ -116,11 +150,14 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
             if (k + 1) % per_epoch == 0 or k + 1 == len(steps):
                 stats.epoch_losses.append(acc[0] / max(acc[1], 1))
                 acc = [0.0, 0]
+                if on_epoch is not None and k + 1 < len(steps):
+                    on_epoch(state(k + 1))
             bar.set_postfix(loss=f"{mean:.3f}", refresh=False)
+            fault_point("train.step")
     finally:
         for p in shifter.parameters():
             p.requires_grad_(False)
     for (u, e), (s, n) in sorted(user_acc.items()):
         stats.user_epoch_losses.setdefault(u, []).append(s / max(n, 1))
-    stats.seconds = time.perf_counter() - t0
+    stats.seconds = before + time.perf_counter() - t0
     return stats

@@ -43,6 +43,18 @@ class MaskedAdamW:
             upd = (m / bc1) / ((v / bc2).sqrt() + self.eps)
             p.sub_(torch.where(am, self.lr * upd, torch.zeros_like(upd)))
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, (m, v, t) in enumerate(zip(self.m, self.v, self.t)):
+            out |= {f"m.{i}": m.detach().clone(), f"v.{i}": v.detach().clone(), f"t.{i}": t.clone()}
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i in range(len(self.params)):
+            self.m[i].copy_(state[f"m.{i}"])
+            self.v[i].copy_(state[f"v.{i}"])
+            self.t[i].copy_(state[f"t.{i}"])
+
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
