@@ -67,24 +67,12 @@ def wide_margin_tokens(logits: torch.Tensor, margin: float = 1e-3) -> torch.Tens
     return (top[..., 0] - top[..., 1]) > margin
 
 
-def _rmsnorm64(self, x):
-    # the same formula as transformers' Llama/Gemma RMSNorm, without their float32 upcast
-    eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps")
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return y * (1.0 + self.weight) if type(self).__name__.startswith("Gemma") else self.weight * y
-
-
 def model64(arch: str = "llama", **kw):
-    """The tiny model in float64 throughout. transformers' RMSNorm computes in float32 whatever the model's dtype
-    (it is written for bf16), which re-rounds values that differ by 1e-16 to neighbours 1e-7 apart; with a float64
-    norm, computations that are equal in principle agree to ~1e-13."""
-    import types
+    """The tiny model in float64 throughout (see backbone.exact_float64): computations that are equal in principle
+    agree to ~1e-13."""
+    from perfit.backbone import exact_float64
 
-    model = tiny_llama(arch=arch, vocab=260, **kw).double()
-    for m in model.modules():
-        if type(m).__name__.endswith("RMSNorm"):
-            m.forward = types.MethodType(_rmsnorm64, m)
-    return model
+    return exact_float64(tiny_llama(arch=arch, vocab=260, **kw).double())
 
 
 def run_cfg(tiny_model_dir, data_dir, out, **kw):

@@ -180,6 +180,25 @@ def check_layers(model, layers: list[int]) -> None:
         raise ConfigError(f"intervene_layer {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
 
 
+def _rmsnorm64(self, x):
+    # transformers' Llama/Gemma RMSNorm, without its float32 upcast
+    eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps")
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y * (1.0 + self.weight) if type(self).__name__.startswith("Gemma") else self.weight * y
+
+
+def exact_float64(model):
+    """Make a float64 model compute in float64 throughout: transformers' RMSNorm upcasts to float32 whatever the
+    model's dtype (it is written for bf16), which re-rounds values that differ by 1e-16 to neighbours 1e-7 apart.
+    With this, computations that are equal in principle (one process or several, cached or not) agree to ~1e-13."""
+    import types
+
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.forward = types.MethodType(_rmsnorm64, m)
+    return model
+
+
 def load_backbone(model_path: str = "", dtype: str = "auto", cuda_device: int = 0, name: str = "",
                   device: str | None = None) -> Backbone:
     """Returns Backbone(model, tokenizer, info). The model is frozen and in eval mode."""
@@ -191,6 +210,8 @@ def load_backbone(model_path: str = "", dtype: str = "auto", cuda_device: int = 
     tok = _fix_tokenizer(AutoTokenizer.from_pretrained(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
     freeze(model)
+    if torch_dtype == torch.float64:
+        exact_float64(model)
     cfg = text_config(model)
     info = BackboneInfo(name or os.path.basename(os.path.normpath(path)), path, len(decoder_layers(model)),
                         int(cfg.hidden_size), str(device), str(torch_dtype).removeprefix("torch."))

@@ -157,21 +157,29 @@ def _store_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="[perfit] %(message)s", stream=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 speaks, but for warnings
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) or rank else logging.INFO,
+                        format=f"[perfit{f' rank {rank}' if rank else ''}] %(message)s", stream=sys.stderr)
     from .data import DataError, load_task_data, summarize
 
     if args.command in RUN_COMMANDS:
-        from . import pipeline  # torch comes in here: the data commands run without it
+        from . import dist, pipeline  # torch comes in here: the data commands run without it
+
+        if args.command == "predict" and rank:
+            return 0  # predicting is rank 0's work
+        dist.setup()
     try:
         if args.command == "run":
             res = pipeline.run(_config(args))
-            print(pipeline.summary_table(res))
-            print(f"results: {res['run_dir']}/results.json")
+            if res is not None:
+                print(pipeline.summary_table(res))
+                print(f"results: {res['run_dir']}/results.json")
         elif args.command == "stage1":
-            print(pipeline.stage1_only(_config(args)))
+            out = pipeline.stage1_only(_config(args))
+            print(out) if not rank else None
         elif args.command == "stage2":
-            print(pipeline.stage2_only(_config(args)))
+            out = pipeline.stage2_only(_config(args))
+            print(out) if not rank else None
         elif args.command == "predict":
             if args.run_dir:
                 from .model import load_run_config
@@ -237,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     except PerFitError as e:
         print(f"perfit: error: {e}", file=sys.stderr)
         return 2
+    if args.command in RUN_COMMANDS:
+        dist.teardown()
     return 0
 
 

@@ -31,6 +31,7 @@ from .batching import tokenize_examples, tokenize_prompt
 from .config import RunConfig, artifact_keys, from_dict, parse_positions, to_dict
 from .data import DataError, validate_items, write_json_atomic
 from .errors import RunStateError
+from . import dist
 from .faults import fault_point
 from .generate import GenerationOutput, greedy_generate
 from .prompts import Example, PromptBuilder
@@ -67,6 +68,28 @@ def load_run_config(run_dir: str) -> RunConfig:
         return from_dict(RunConfig, json.load(f), where=path)
 
 
+def _to_bytes(obj):
+    """Tensors inside `obj` (a TrainState, or a trained group) as safetensors bytes, to cross a process group."""
+    from safetensors.torch import save
+
+    if obj is None:
+        return None
+    if isinstance(obj, TrainState):
+        return ("state", obj.step, save(obj.tensors), obj.stats)
+    tensors_of, info = obj
+    return ("group", {u: save({k: v.cpu() for k, v in t.items()}) for u, t in tensors_of.items()}, info)
+
+
+def _from_bytes(obj):
+    from safetensors.torch import load
+
+    if obj is None:
+        return None
+    if obj[0] == "state":
+        return TrainState(obj[1], load(obj[2]), obj[3])
+    return {u: load(b) for u, b in obj[1].items()}, obj[2]
+
+
 def _load_partial(path: str, key: str) -> TrainState | None:
     """The saved state of an interrupted stage 1, if it was made with this stage-1 key."""
     if not os.path.isfile(path):
@@ -88,9 +111,14 @@ def load_collective(ckpt_dir: str) -> tuple[Shifter, dict]:
         raise RunStateError(f"{ckpt_dir}: no stage-1 checkpoint; run `perfit stage1` (or `perfit run`) first")
     with open(path, encoding="utf-8") as f:
         meta = json.load(f)
+    return load_collective_from(meta, load_file(os.path.join(ckpt_dir, "shifts.safetensors")))
+
+
+def load_collective_from(meta: dict, tensors: dict) -> tuple[Shifter, dict]:
+    """The stage-1 shifter from its checkpoint's config and tensors."""
     sc = meta["shift"]
     sh = Shifter(sc["hidden_size"], sc["layers"], sc["low_rank_dimension"], sc["user_low_rank_dimension"], 1, init=None)
-    sh.load_state_dict(load_file(os.path.join(ckpt_dir, "shifts.safetensors")))
+    sh.load_state_dict(tensors)
     return sh, meta
 
 
@@ -126,7 +154,7 @@ class PerFitModel:
         pm = cls(cfg, backbone, run_dir, prompts_file=prompts if os.path.isfile(prompts) else "", **kw)
         sh, meta = load_collective(os.path.join(run_dir, CKPT))
         pm.fingerprints = meta.get("fingerprints", {})
-        pm._set_collective(sh, meta)
+        pm.set_collective(sh, meta)
         return pm
 
     @property
@@ -136,7 +164,7 @@ class PerFitModel:
     def keys(self) -> dict[str, str]:
         return artifact_keys(self.cfg, self.fingerprints)
 
-    def _set_collective(self, sh: Shifter, meta: dict) -> None:
+    def set_collective(self, sh: Shifter, meta: dict) -> None:
         self.collective = sh.to(self.device)
         self.stage1_meta = meta
         self._store = None
@@ -162,7 +190,7 @@ class PerFitModel:
             return False
         sh, meta = load_collective(ckpt)
         if meta.get("stage1_key") == self.keys()["stage1"]:
-            self._set_collective(sh, meta)
+            self.set_collective(sh, meta)
             return True
         if not overwrite:
             raise RunStateError(f"{ckpt}: the stage-1 checkpoint was made with other settings or data "
@@ -176,7 +204,7 @@ class PerFitModel:
         if meta.get("stage1_key") != self.keys()["stage1"]:
             return False
         self._write_checkpoint(sh, meta)
-        self._set_collective(sh, meta)
+        self.set_collective(sh, meta)
         return True
 
     def fit_collective(self, examples: list[Example], desc: str = "stage 1", fresh: bool = False) -> TrainStats:
@@ -184,25 +212,30 @@ class PerFitModel:
         saved to the run's checkpoint (atomically: a crash never leaves one that half-loads). The training state is
         saved at the end of every epoch; a run killed on the way resumes from it (unless `fresh`) to the same result."""
         c = self.cfg
+        # shifts are float32 (QR in bf16 is unreliable), float64 in a float64 model (the exactness checks)
+        dtype = torch.float64 if next(self.model.parameters()).dtype == torch.float64 else torch.float32
         sh = Shifter(self.info.hidden_size, c.layers, c.low_rank_dimension, c.user_low_rank_dimension, 1, c.seed,
-                     c.shift_init).to(self.device)
+                     c.shift_init).to(self.device, dtype)
         ex = tokenize_examples(self.tok, examples, c.max_length)
         for e in ex:
             e.module, e.key = 0, "stage1"
         key = self.keys()["stage1"]
         partial = os.path.join(self.run_dir, PARTIAL)
-        resume = None if fresh else _load_partial(partial, key)
+        resume = None if fresh or not dist.is_main() else _load_partial(partial, key)
+        resume = _from_bytes(dist.broadcast(_to_bytes(resume)))  # rank 0 reads the run dir; every rank resumes alike
         if resume is not None:
             log.info("%s: resuming at step %d from %s", desc, resume.step, partial)
 
         def save_partial(state: TrainState) -> None:
-            meta = {"stage1_key": key, "step": str(state.step), "stats": json.dumps(state.stats)}
-            save_safetensors_atomic(partial, state.tensors, meta)
+            if dist.is_main():
+                meta = {"stage1_key": key, "step": str(state.step), "stats": json.dumps(state.stats)}
+                save_safetensors_atomic(partial, state.tensors, meta)
 
         with sh.attached(self.model):
             stats = train_shifts(self.model, sh, ex, epochs=c.stage1_epochs, batch_size=c.batch_size, lr=c.lr,
                                  train_collective=True, pad_id=self.tok.pad_token_id, first=self.first, last=self.last,
-                                 seed=c.seed, desc=desc, resume=resume, on_epoch=save_partial, **self._train_kw())
+                                 seed=c.seed, desc=desc, resume=resume, on_epoch=save_partial,
+                                 data_parallel=dist.enabled(), **self._train_kw())
         log.info("%s: %d examples, %d steps, loss by epoch %s, %.1fs", desc, len(ex), stats.steps,
                  [round(x, 4) for x in stats.epoch_losses], stats.seconds)
         meta = {"stage1_key": key, "fingerprints": self.fingerprints, "run_config": to_dict(c),
@@ -210,10 +243,11 @@ class PerFitModel:
                           "user_low_rank_dimension": c.user_low_rank_dimension, "positions": c.positions},
                 "model": dataclasses.asdict(self.info),
                 "examples": len(ex), "train_seconds": stats.seconds, "stats": dataclasses.asdict(stats)}
-        self._write_checkpoint(sh, meta)
-        if os.path.exists(partial):
-            os.unlink(partial)  # after the checkpoint: a crash in between leaves a complete one, the state unused
-        self._set_collective(sh, meta)
+        if dist.is_main():
+            self._write_checkpoint(sh, meta)
+            if os.path.exists(partial):
+                os.unlink(partial)  # after the checkpoint: a crash in between leaves a complete one, the state unused
+        self.set_collective(sh, meta)
         return stats
 
     def _write_checkpoint(self, sh: Shifter, meta: dict) -> None:
@@ -291,9 +325,10 @@ class PerFitModel:
 
     def personalize(self, histories: dict[str, list[dict]], desc: str = "stage 2") -> dict[str, dict]:
         """Train the personal shifts of these users on their history items (the task's item format), user_group_size
-        users at a time in one batched loop, each group stored as soon as it is done; a retrained user keeps its old
-        shift until the new one is stored. Returns {user_id: report}."""
-        sh1 = self._require_collective()
+        users at a time in one batched loop, each group stored (in one transaction) as soon as it is done; a retrained
+        user keeps its old shift until the new one is stored. Returns {user_id: report}. Under torchrun the groups are
+        dealt to the ranks in turn and rank 0 stores them, in order."""
+        self._require_collective()
         problems = []
         for uid, items in histories.items():
             if not isinstance(items, list) or not items:
@@ -302,36 +337,47 @@ class PerFitModel:
                 problems += validate_items(items, f"user {uid!r}", self.task)
         if problems:
             raise DataError(problems)
-        c = self.cfg
-        store = self.store
-        todo = list(histories)
+        todo, size = list(histories), self.cfg.user_group_size
+        groups = [todo[g: g + size] for g in range(0, len(todo), size)]
         reports: dict[str, dict] = {}
-        for g in range(0, len(todo), c.user_group_size):
-            group = todo[g: g + c.user_group_size]
-            module_of = {u: k for k, u in enumerate(group)}
-            examples = {u: self.personal_examples(u, histories[u]) for u in group}
-            ex = tokenize_examples(self.tok, [e for u in group for e in examples[u]], c.max_length, module_of)
-            sh = sh1.spawn(len(group))
-            with sh.attached(self.model):
-                stats = train_shifts(self.model, sh, ex, epochs=c.max_epoch, batch_size=c.batch_size, lr=c.user_lr,
-                                     train_collective=False, pad_id=self.tok.pad_token_id, first=self.first, last=self.last,
-                                     seed=c.seed, desc=f"{desc} users {g + 1}-{g + len(group)}/{len(todo)}", **self._train_kw())
-            now = round(time.time(), 3)
-            info = {}
-            for u in group:
-                losses = stats.user_epoch_losses.get(module_of[u], [])
-                info[u] = {"items": len(histories[u]), "examples": len(examples[u]),
-                           "history_digest": history_digest(examples[u]), "epoch_losses": losses,
-                           "final_loss": losses[-1] if losses else None,
-                           "train_seconds": round(stats.seconds / len(group), 3), "trained_at": now}
-            store.put_many({u: sh.user_state(module_of[u]) for u in group}, info)
-            fault_point("stage2.group_stored")
-            for u in group:
-                self._cached.pop(u, None)
-            reports.update(info)
-            log.info("%s: stored %d users (loss by epoch %s, %.1fs)", desc, len(group),
-                     [round(x, 4) for x in stats.epoch_losses], stats.seconds)
+        ranks, me = (dist.world(), dist.rank()) if dist.enabled() else (1, 0)
+        for first in range(0, len(groups), ranks):
+            k = first + me
+            done = self._train_group(groups[k], histories, f"{desc} users {k * size + 1}-{k * size + len(groups[k])}/{len(todo)}") \
+                if k < len(groups) else None
+            for got in (dist.gather(_to_bytes(done)) or []) if ranks > 1 else [done]:
+                got = _from_bytes(got) if ranks > 1 else got
+                if got is None:
+                    continue
+                tensors_of, info = got
+                self.store.put_many(tensors_of, info)
+                fault_point("stage2.group_stored")
+                for u in info:
+                    self._cached.pop(u, None)
+                reports.update(info)
         return reports
+
+    def _train_group(self, group: list[str], histories: dict[str, list[dict]], desc: str):
+        """One group of users trained together: ({user: tensors}, {user: report})."""
+        c = self.cfg
+        module_of = {u: k for k, u in enumerate(group)}
+        examples = {u: self.personal_examples(u, histories[u]) for u in group}
+        ex = tokenize_examples(self.tok, [e for u in group for e in examples[u]], c.max_length, module_of)
+        sh = self.collective.spawn(len(group))
+        with sh.attached(self.model):
+            stats = train_shifts(self.model, sh, ex, epochs=c.max_epoch, batch_size=c.batch_size, lr=c.user_lr,
+                                 train_collective=False, pad_id=self.tok.pad_token_id, first=self.first, last=self.last,
+                                 seed=c.seed, desc=desc, **self._train_kw())
+        now = round(time.time(), 3)
+        info = {}
+        for u in group:
+            losses = stats.user_epoch_losses.get(module_of[u], [])
+            info[u] = {"items": len(histories[u]), "examples": len(examples[u]), "history_digest": history_digest(examples[u]),
+                       "epoch_losses": losses, "final_loss": losses[-1] if losses else None,
+                       "train_seconds": round(stats.seconds / len(group), 3), "trained_at": now, "rank": dist.rank()}
+        log.info("%s: trained %d users (loss by epoch %s, %.1fs)", desc, len(group), [round(x, 4) for x in stats.epoch_losses],
+                 stats.seconds)
+        return {u: sh.user_state(module_of[u]) for u in group}, info
 
     def forget(self, user_id: str) -> bool:
         """Remove everything stored about a user (its shift and its record); its next query gets the stage-1 shifts.

@@ -12,13 +12,15 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import metrics
+from safetensors.torch import load, save
+
+from . import dist, metrics
 from .backbone import Backbone, load_backbone
 from .config import RunConfig, to_dict
 from .data import DataError, OverlapCheck, Query, TaskData, User, data_fingerprint, load_task_data, write_json_atomic
 from .data.synthetic import generate
 from .errors import RunStateError
-from .model import CKPT, VARIANTS, PerFitModel, load_run_config
+from .model import CKPT, USERS, VARIANTS, PerFitModel, load_collective_from, load_run_config
 from .prompts import Example, PromptBuilder
 
 log = logging.getLogger("perfit")
@@ -134,7 +136,8 @@ def scan_training_data(exp: Experiment, collect: bool) -> list[Example]:
 
 def open_model(exp: Experiment, backbone: Backbone | None = None) -> PerFitModel:
     c = exp.cfg
-    backbone = backbone or load_backbone(c.model_path, c.dtype, c.cuda_device, c.model_name)
+    gpu = dist.local_rank() if dist.enabled() else c.cuda_device  # under torchrun: one GPU per local rank
+    backbone = backbone or load_backbone(c.model_path, c.dtype, gpu, c.model_name)
     return PerFitModel(c, backbone, exp.run_dir, exp.fingerprints)
 
 
@@ -148,32 +151,45 @@ def _sibling_checkpoints(exp: Experiment) -> list[str]:
 
 def ensure_stage1(exp: Experiment, pm: PerFitModel) -> None:
     """Reuse this run's stage-1 checkpoint, or another run's with the same stage-1 key, or train it. Also checks the
-    data (streams user_others.json once) before anything is trained."""
-    reuse = pm.load_collective_if_current(bool(exp.cfg.overwrite))
-    if not reuse:
-        for ckpt in _sibling_checkpoints(exp):
-            if pm.adopt_collective(ckpt):
-                log.info("stage 1: reusing the checkpoint of %s (same stage-1 settings and data)", ckpt)
-                reuse = True
-                break
-    else:
-        log.info("stage 1: reusing checkpoint %s (same stage-1 settings and data)", os.path.join(exp.run_dir, CKPT))
-    examples = scan_training_data(exp, collect=not reuse)
-    if not reuse:
+    data (streams user_others.json once) before anything is trained. Under torchrun rank 0 decides and hands the
+    reused checkpoint to the other ranks."""
+    found = None
+    if dist.is_main():
+        if pm.load_collective_if_current(bool(exp.cfg.overwrite)):
+            log.info("stage 1: reusing checkpoint %s (same stage-1 settings and data)", os.path.join(exp.run_dir, CKPT))
+        else:
+            for ckpt in _sibling_checkpoints(exp):
+                if pm.adopt_collective(ckpt):
+                    log.info("stage 1: reusing the checkpoint of %s (same stage-1 settings and data)", ckpt)
+                    break
+        if pm.collective is not None:
+            found = (save(pm.collective.state_dict()), pm.stage1_meta)
+    found = dist.broadcast(found)
+    if found is not None and pm.collective is None:
+        sh, _ = load_collective_from(found[1], load(found[0]))
+        pm.set_collective(sh, found[1])
+    examples = scan_training_data(exp, collect=found is None)
+    if found is None:
         pm.fit_collective(examples, fresh=bool(exp.cfg.overwrite))
     exp.timings["stage1_train_seconds"] = pm.stage1_meta.get("train_seconds", 0.0)
-    pm.save_config()
+    if dist.is_main():
+        pm.save_config()
 
 
 def ensure_users(exp: Experiment, pm: PerFitModel, label: str = "stage 2") -> None:
-    """Personal shifts for every test user not stored yet (or stored from other history items)."""
-    pm.open_store(bool(exp.cfg.overwrite))
+    """Personal shifts for every test user not stored yet (or stored from other history items). Under torchrun rank 0
+    reads the store and says who is to train."""
     users = exp.data.test_users
-    todo = {u.user_id: u.profile for u in users if not pm.is_current(u.user_id, u.profile)}
-    if len(todo) < len(users):
-        log.info("%s: %d users already in the store, %d to train", label, len(users) - len(todo), len(todo))
+    todo = None
+    if dist.is_main():
+        pm.open_store(bool(exp.cfg.overwrite))
+        todo = [u.user_id for u in users if not pm.is_current(u.user_id, u.profile)]
+        if len(todo) < len(users):
+            log.info("%s: %d users already in the store, %d to train", label, len(users) - len(todo), len(todo))
+    todo = set(dist.broadcast(todo))
     if todo:
-        pm.personalize(todo, desc=label)
+        pm.personalize({u.user_id: u.profile for u in users if u.user_id in todo}, desc=label)
+    dist.barrier()
 
 
 def predict_variants(exp: Experiment, pm: PerFitModel, variants=VARIANTS) -> dict:
@@ -238,11 +254,15 @@ def link_latest(run_dir: str) -> None:
     os.replace(tmp, os.path.join(parent, "latest"))
 
 
-def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict:
+def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict | None:
+    """The whole pipeline. Under torchrun every rank trains and rank 0 predicts and writes the outputs (the other
+    ranks return None)."""
     exp = prepare(cfg)
     pm = open_model(exp, backbone)
     ensure_stage1(exp, pm)
     ensure_users(exp, pm)
+    if not dist.is_main():
+        return None
     res = write_outputs(exp, pm, predict_variants(exp, pm))
     link_latest(exp.run_dir)
     return res
@@ -264,10 +284,16 @@ def _require_stage1(exp: Experiment, pm: PerFitModel) -> None:
 def stage2_only(cfg: RunConfig, backbone: Backbone | None = None) -> str:
     exp = prepare(cfg)
     pm = open_model(exp, backbone)
-    _require_stage1(exp, pm)
+    found = None
+    if dist.is_main():
+        _require_stage1(exp, pm)
+        found = (save(pm.collective.state_dict()), pm.stage1_meta)
+    found = dist.broadcast(found)
+    if pm.collective is None:
+        pm.set_collective(load_collective_from(found[1], load(found[0]))[0], found[1])
     scan_training_data(exp, collect=False)
     ensure_users(exp, pm)
-    return pm.store.path
+    return os.path.join(exp.run_dir, USERS)
 
 
 def predict_only(cfg: RunConfig | None = None, run_dir: str | None = None, backbone: Backbone | None = None) -> dict:

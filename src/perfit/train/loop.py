@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .. import dist
 from ..batching import TokenizedExample
 from ..faults import fault_point
 from ..progress import progress
@@ -36,6 +37,19 @@ class TrainStats:
     cached_lower_layers: bool = False
     cached_on_disk: bool = False  # the frozen-state cache is memory-mapped on disk
     cached_frozen_prefix: bool = False
+    ranks: int = 1  # processes that shared each step (data-parallel under torchrun)
+
+
+def _all_reduce_grads(params) -> None:
+    """Sum the gradients across ranks (a rank with no rows in a step contributes zeros), in one flat buffer."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = dist.all_reduce_sum(torch.cat([p.grad.reshape(-1) for p in params]))
+    off = 0
+    for p in params:
+        p.grad.copy_(flat[off: off + p.numel()].view_as(p.grad))
+        off += p.numel()
 
 
 def _passes(examples: list[TokenizedExample], rows: list[int], max_rows: int, by_user: bool) -> list[list[int]]:
@@ -68,11 +82,13 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
                  train_collective: bool, pad_id: int, first: int, last: int, seed: int = 0, max_rows: int = 32,
                  cache_max_bytes: int = 2 * 1024**3, share_prefix: bool = True, frozen_prefix: bool = True,
                  disk_cache_dir: str = "", disk_cache_max_bytes: int = 0, desc: str = "training",
-                 resume: TrainState | None = None, on_epoch: Callable[[TrainState], None] | None = None) -> TrainStats:
+                 resume: TrainState | None = None, on_epoch: Callable[[TrainState], None] | None = None,
+                 data_parallel: bool = False) -> TrainStats:
     """Train the personal modules (and the collective one if `train_collective`) on `examples`, each example
     updating the personal module `example.module`. The shifter must be attached to `model`.
     `on_epoch(state)` is called at the end of every epoch-sized slice of steps; `resume` continues from such a state
-    to the same result as an uninterrupted run."""
+    to the same result as an uninterrupted run. `data_parallel` (under torchrun): each rank runs its share of every
+    step's rows and the gradients are summed across ranks, so every rank ends with the one-process result."""
     stats = TrainStats(epochs=epochs)
     t0 = time.perf_counter()
     if not examples or epochs == 0:
@@ -84,14 +100,21 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
         p.requires_grad_(True)
     opt = MaskedAdamW(list(shifter.personal.parameters()) + (list(shifter.collective.parameters()) if train_collective else []), lr)
 
-    # what never changes during training is computed once
+    # data-parallel (torchrun): this rank runs the examples i with i % world == rank of every step
+    ranks, me = (dist.world(), dist.rank()) if data_parallel and dist.enabled() else (1, 0)
+    mine = [i for i in range(len(examples)) if i % ranks == me]
+    # what never changes during training is computed once (for this rank's examples)
     low = min(shifter.layers)
-    frozen = compute_frozen_prefix(model, examples, low, last, pad_id, cache_max_bytes) if frozen_prefix and first == 0 else None
-    lower = None if frozen is not None else compute_lower_cache(model, examples, low, pad_id, cache_max_bytes,
+    own = [examples[i] for i in mine]
+    frozen = compute_frozen_prefix(model, own, low, last, pad_id, cache_max_bytes) if frozen_prefix and first == 0 else None
+    lower = None if frozen is not None else compute_lower_cache(model, own, low, pad_id, cache_max_bytes,
                                                                 disk_dir=disk_cache_dir, disk_max_bytes=disk_cache_max_bytes)
+    stats.ranks = ranks
+    frozen = None if frozen is None else dict(zip(mine, frozen))
+    lower = None if lower is None else dict(zip(mine, lower))
     share_prefix = share_prefix and frozen is None
     stats.cached_lower_layers = lower is not None or frozen is not None
-    stats.cached_on_disk = lower is not None and lower[0].untyped_storage().filename is not None
+    stats.cached_on_disk = bool(lower) and next(iter(lower.values())).untyped_storage().filename is not None
     stats.cached_frozen_prefix = frozen is not None
 
     steps = schedule(examples, epochs, batch_size, seed)
@@ -125,8 +148,8 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
             tokens_of = {u: sum(len(examples[i].ids) - examples[i].prompt_len for i in idx) for u, _, idx in step}
             epoch_of = {u: e for u, e, _ in step}
             opt.zero_grad()
-            total, ntok = 0.0, 0
-            for part in _passes(examples, [i for _, _, idx in step for i in idx], max_rows, share_prefix):
+            sums = torch.zeros(shifter.num_users, 2, dtype=torch.float64)  # per user: token-loss sum, tokens
+            for part in _passes(examples, [i for _, _, idx in step for i in idx if i % ranks == me], max_rows, share_prefix):
                 rows = [examples[i] for i in part]
                 loss, row_sums, row_tok = forward_loss(
                     model, shifter, rows, [1.0 / tokens_of[r.module] for r in rows], pad_id, first, last,
@@ -134,10 +157,15 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
                     frozen=None if frozen is None else [frozen[i] for i in part])
                 loss.backward()
                 for r, s, n in zip(rows, row_sums.tolist(), row_tok):
-                    a = user_acc.setdefault((r.module, epoch_of[r.module]), [0.0, 0])
-                    a[0] += s
-                    a[1] += n
-                    total, ntok = total + s, ntok + n
+                    sums[r.module] += torch.tensor([s, n], dtype=torch.float64)
+            if ranks > 1:  # the gradient of the whole step: every rank then makes the same update
+                _all_reduce_grads(opt.params)
+                dist.all_reduce_sum(sums)
+            for u in tokens_of:
+                a = user_acc.setdefault((u, epoch_of[u]), [0.0, 0])
+                a[0] += float(sums[u, 0])
+                a[1] += int(sums[u, 1])
+            total, ntok = float(sums[:, 0].sum()), int(sums[:, 1].sum())
             active = torch.zeros(shifter.num_users, dtype=torch.bool)
             active[list(tokens_of)] = True
             opt.step(active)
