@@ -31,7 +31,7 @@ def random_backbone(spec: str, tokenizer_path: str, cuda_device: int = 0, dtype:
     """A Llama of the named widths with random weights (built on the device) and a real tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from perfit.backbone import BackboneInfo, _fix_tokenizer, freeze, pick_device, pick_dtype, resolve_model_path
+    from perfit.backbone import Backbone, BackboneInfo, _fix_tokenizer, freeze, pick_device, pick_dtype, resolve_model_path
 
     if spec not in RANDOM_MODELS:
         raise SystemExit(f"--random_model {spec!r}: choose from {', '.join(RANDOM_MODELS)}")
@@ -45,7 +45,7 @@ def random_backbone(spec: str, tokenizer_path: str, cuda_device: int = 0, dtype:
         model = freeze(AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype))
     info = BackboneInfo(f"random-{spec}", "random", cfg.num_hidden_layers, cfg.hidden_size, str(device),
                         str(torch_dtype).removeprefix("torch."))
-    return model, tok, info
+    return Backbone(model, tok, info)
 
 
 def add_model_args(ap) -> None:
