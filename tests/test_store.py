@@ -118,3 +118,37 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
         os.umask(mask)
     for f in ("r.json", "u.safetensors"):
         assert stat.S_IMODE(os.stat(tmp_path / f).st_mode) == 0o644
+
+
+def test_store_commands_and_converting_an_old_run(finished_run, tmp_path, capsys):
+    """A run whose store is in the earlier layout (a users/ folder) is refused with the one command that converts it;
+    after it, the run loads and answers as before."""
+    import shutil
+
+    from perfit import PerFitModel
+    from perfit.cli import main
+
+    _, res = finished_run
+    run = str(tmp_path / "run")
+    shutil.copytree(res["run_dir"], run)
+    assert main(["store", "ls", "--run_dir", run]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["user_id"] for r in listed] == ["u0000", "u0001", "u0002"] and all(r["bytes"] > 0 for r in listed)
+    assert main(["store", "show", "--run_dir", run, "--user_id", "u0001"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["items"] == 4 and shown["tensors"]["layer.1.weight"] == [2, 64]
+    assert main(["store", "verify", "--run_dir", run]) == 0
+    before = PerFitModel.from_run(run).generate(["u0001"], ["a film about dragons"])
+    # make it an old run: the store exported to users/ (the earlier layout), the SQLite file gone
+    assert main(["store", "export", "--run_dir", run, "--to", os.path.join(run, "users")]) == 0
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(os.path.join(run, "users.sqlite" + suffix)):
+            os.unlink(os.path.join(run, "users.sqlite" + suffix))
+    with pytest.raises(RunStateError, match=rf"convert it once with: perfit store import --run_dir {run} --from {run}/users"):
+        PerFitModel.from_run(run).generate(["u0001"], ["x"])
+    capsys.readouterr()
+    assert main(["store", "import", "--run_dir", run, "--from", os.path.join(run, "users")]) == 0
+    assert json.loads(capsys.readouterr().out)["imported"] == 3
+    assert list(PerFitModel.from_run(run).generate(["u0001"], ["a film about dragons"])) == list(before)
+    assert main(["store", "import", "--run_dir", run, "--from", os.path.join(run, "users")]) == 2  # never over a store
+    assert main(["store", "show", "--run_dir", run, "--user_id", "nobody"]) == 2
