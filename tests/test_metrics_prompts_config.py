@@ -167,3 +167,25 @@ def test_cli_accepts_both_flag_forms():
                       "--run_dir_name=x", "--seed=3", "--batch_size", "4", "--model_name=m", "--model_path", "/m",
                       "--low_rank_dimension=8", "--user_low_rank_dimension", "2", "--positions=l7", "--data_dir", "d", "--output_dir=o"])
     assert (a.task_name, a.intervene_layer, a.max_epoch, a.batch_size, a.positions, a.output_dir) == ("news_headline", "14;15", 2, 4, "l7", "o")
+
+
+def test_config_files_with_flags_on_top(tmp_path, capsys):
+    """--config takes JSON or YAML of RunConfig fields; flags given override it; a wrong file is a one-line error."""
+    from perfit.cli import _config
+
+    (tmp_path / "c.yaml").write_text("task_name: news_headline\nlr: 0.01\nmax_users: 5\n")
+    (tmp_path / "c.json").write_text(json.dumps({"task_name": "news_headline", "lr": 0.01}))
+    p = build_parser()
+    for f in ("c.yaml", "c.json"):
+        cfg = _config(p.parse_args(["run", "--config", str(tmp_path / f), "--lr", "0.5"]))
+        assert (cfg.task_name, cfg.lr) == ("news_headline", 0.5)
+    assert _config(p.parse_args(["run", "--config", str(tmp_path / "c.yaml")])).max_users == 5
+    (tmp_path / "bad.yaml").write_text("lr: 0.01\nlearning_rate: 3\n")
+    assert main(["run", "--config", str(tmp_path / "bad.yaml"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "unknown RunConfig fields ['learning_rate']" in capsys.readouterr().err
+    (tmp_path / "typo.json").write_text('{"lr": "fast"}')
+    assert main(["run", "--config", str(tmp_path / "typo.json"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "--lr must be float, got 'fast'" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text('{"lr": ')
+    assert main(["run", "--config", str(tmp_path / "broken.json")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err and not (tmp_path / "o").exists()

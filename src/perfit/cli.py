@@ -28,6 +28,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls=RunConfig) -> None:
         kw = {"choices": list(TASKS)} if f.name == "task_name" else {}
         p.add_argument(f"--{f.name}", type=type(f.default), default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: {f.default!r})", **kw)
+    p.add_argument("--config", default="", help=f"JSON or YAML file of {cls.__name__} fields (a run's config.json "
+                                                f"reproduces it); flags given here override it.")
     p.add_argument("-q", "--quiet", action="store_true", help="Only warnings and the final summary.")
 
 
@@ -105,7 +107,10 @@ def _given(args, cls) -> dict:
 
 
 def _config(args, cls=RunConfig):
-    return cls(**_given(args, cls))
+    from .config import load_config_file
+
+    base = load_config_file(args.config, cls) if getattr(args, "config", "") else {}
+    return cls(**(base | _given(args, cls)))
 
 
 def _read_histories(path: str) -> dict[str, list]:

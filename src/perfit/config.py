@@ -249,6 +249,34 @@ def parse_layers(spec: str) -> list[int]:
     return sorted(layers)
 
 
+def load_config_file(path: str, cls) -> dict:
+    """Settings from a JSON or YAML file of `cls` fields (a run's own config.json works), checked for unknown fields;
+    flags given on the command line override them."""
+    import json as _json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = _json.loads(text)
+    except Exception as e:  # noqa: BLE001 - JSONDecodeError / YAMLError: the file is at fault
+        raise ConfigError(f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of {cls.__name__} fields")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown {cls.__name__} fields {unknown}")
+    return data
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
