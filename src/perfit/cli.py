@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(ServeConfig):
         p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, required=f.name == "run_dir",
                        help=f"{f.metadata['help']} (default: {f.default!r})")
+    help = "what the shifts learned: their spectrum across users, the shared part, users in the top-2 plane"
+    p = sub.add_parser("analyze", help=help, description=help)
+    p.add_argument("--run_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="Folder of analysis.json and analysis.png.")
+    p.add_argument("--max_users", type=int, default=0, help="The first N test users (0: all).")
     help = "operate a run's user store: ls, show, export, import, verify"
     p = sub.add_parser("store", help=help, description=help)
     p.add_argument("action", choices=["ls", "show", "export", "import", "verify"])
@@ -220,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
             sc = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
             check_fields(sc)
             serve(sc)
+        elif args.command == "analyze":
+            from .analyze import analyze_run
+
+            res = analyze_run(args.run_dir, args.output_dir, args.max_users)
+            print(json.dumps({k: res[k] for k in ("users", "total", "personal", "cosine_to_collective")
+                              if k in res} | {"cosine_to_collective": {k: v for k, v in res["cosine_to_collective"].items()
+                                                                        if k != "per_user"}}
+                             | ({"preference_vs_shift_distance": res["preference_vs_shift_distance"]}
+                                if "preference_vs_shift_distance" in res else {}), indent=1))
         elif args.command == "store":
             return _store_command(args)
         elif args.command == "compare":

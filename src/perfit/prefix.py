@@ -69,6 +69,25 @@ def capture_layer_input(model, layer: int, stop: bool = False):
         handle.remove()
 
 
+@contextlib.contextmanager
+def capture_layer_outputs(model, layers: list[int]):
+    """Yields {layer: hidden states} filled by a forward pass: each layer's output as the layer produced it (a shift
+    hooked on that layer afterwards adds its change later; hooks run in the order they were registered)."""
+    captured: dict = {}
+
+    def hook(l):
+        def fn(module, args, output):
+            captured[l] = (output[0] if isinstance(output, tuple) else output).detach()
+        return fn
+
+    handles = [decoder_layers(model)[l].register_forward_hook(hook(l)) for l in layers]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def lower_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, layer: int,
                  cache=None) -> torch.Tensor:
