@@ -96,7 +96,7 @@ ALTERNATIVE = {
     "task_name": "news_headline", "data_dir": "d2", "output_dir": "o2", "run_dir_name": "r2", "model_name": "m2",
     "model_path": "/m2", "cuda_device": 1, "dtype": "bfloat16", "seed": 7, "batch_size": 4, "eval_batch_size": 8,
     "low_rank_dimension": 8, "user_low_rank_dimension": 8, "intervene_layer": "3", "positions": "l3", "max_epoch": 2,
-    "stage1_epochs": 1, "shift_init": "zero", "lr": 1e-3, "user_lr": 1e-3, "max_users": 3, "max_stage1_examples": 10,
+    "stage1_epochs": 1, "shift_init": "zero", "lr": 1e-3, "user_lr": 1e-3, "early_stopping": 2, "patience": 3, "max_users": 3, "max_stage1_examples": 10,
     "holdout": 2, "max_history": 5, "query_cue": 0, "max_field_words": 10, "max_length": 300, "rows_per_pass": 64,
     "user_group_size": 4, "cache_max_bytes": 1, "disk_cache_max_bytes": 1, "disk_cache_dir": "/c", "prompts_file": "p.json",
     "allow_overlap": 1, "overwrite": 1, "num_users": 3, "num_other_users": 3, "history_per_user": 3, "queries_per_user": 3,

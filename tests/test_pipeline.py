@@ -266,3 +266,13 @@ def test_holdout_split_never_uses_test_queries(tiny_model_dir, data, tmp_path):
     assert not set(exp.data.golds) & set(real.golds)
     with pytest.raises(pipeline.DataError, match="holdout 99"):
         pipeline.prepare(run_cfg(tiny_model_dir, data, str(tmp_path), holdout=99))
+
+
+def test_early_stopping_through_the_pipeline(tiny_model_dir, data, tmp_path):
+    res = pipeline.run(run_cfg(tiny_model_dir, data, str(tmp_path), early_stopping=1, max_epoch=3, patience=1))
+    entries = UserStore(os.path.join(res["run_dir"], "users.sqlite")).entries()
+    for e in entries.values():  # 4 items: 3 train, the last validates
+        assert e["items"] == 4 and 0 <= e["best_epoch"] <= 3 and len(e["val_losses"]) >= e["best_epoch"] + 1
+        assert e["best_epoch"] == min(range(len(e["val_losses"])), key=e["val_losses"].__getitem__)
+    # early stopping changes the users' shifts, so it gets a run dir of its own
+    assert pipeline.prepare(run_cfg(tiny_model_dir, data, str(tmp_path), max_epoch=3, patience=1)).run_dir != res["run_dir"]

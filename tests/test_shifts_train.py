@@ -175,8 +175,8 @@ def test_every_forward_path_gives_the_same_gradients(tok, arch):
     assert any(g.abs().max() > 1e-6 for g in ref[2].values())  # the gradients compared are not all zero
 
 
-def _train(model, tok, ex, users, epochs=2, first=2, collective=False, **kw):
-    sh = _shifter64(users)
+def _train(model, tok, ex, users, epochs=2, first=2, collective=False, init="loreft", **kw):
+    sh = _shifter64(users, init=init)
     with sh.attached(model):
         st = train_shifts(model, sh, ex, epochs=epochs, batch_size=2, lr=1e-2, train_collective=collective, pad_id=2,
                           first=first, last=2, seed=0, max_rows=4, **kw)
@@ -320,3 +320,32 @@ def test_zero_init_starts_as_the_identity_and_still_learns(tok, llama):
     assert st.epoch_losses[-1] < st.epoch_losses[0]
     with pytest.raises(ValueError, match="shift init"):
         Shifter(64, [1], 4, 2, init="ones")
+
+
+def test_early_stopping_keeps_each_users_best_epoch(tok):
+    """User a's validation items contradict its training items (its validation loss rises as it trains), user b's
+    agree: a stops early and keeps its best epoch, b trains to the end; each kept shift equals a plain run of exactly
+    that many epochs, and b's training is not changed by a's stopping."""
+    model = _model64()
+    train = [Example(f"question {u} {i}: is it so? answer:", " yes", u) for u in "ab" for i in range(6)]
+    # shifts that start as the identity; a's validation answers are blank lines: its loss falls, then rises (best: epoch 4)
+    val = [Example(f"check {u} {i}: is it so? answer:", "\n\n\n" if u == "a" else " yes", u) for u in "ab" for i in range(3)]
+    module_of = {"a": 0, "b": 1}
+    ex, vx = tokenize_examples(tok, train, 256, module_of), tokenize_examples(tok, val, 256, module_of)
+    sh, st = _train(model, tok, ex, 2, epochs=6, init="zero", val_examples=vx, patience=1)
+    hist, best = st.user_val_losses, st.user_best_epoch
+    for u in (0, 1):
+        assert best[u] == min(range(len(hist[u])), key=hist[u].__getitem__)
+    assert best[1] == 6 and len(hist[1]) == 7  # b improved at every epoch and trained all 6
+    assert 0 < best[0] < 6 and len(hist[0]) == best[0] + 2  # a stopped one epoch after its best (patience 1)
+    for u, k in (("a", 0), ("b", 1)):
+        mine = [copy.copy(e) for e in ex if e.key == u]
+        for e in mine:
+            e.module = 0
+        if best[k] == 0:
+            alone = _shifter64(1, init="zero")  # nothing trained: P0
+        else:
+            alone, _ = _train(model, tok, mine, 1, epochs=best[k], init="zero")
+        pj, pa = probe_outputs(sh, PROBES), probe_outputs(alone, PROBES)
+        for l in sh.layers:
+            torch.testing.assert_close(pj[f"personal.{l}"][k], pa[f"personal.{l}"][0], **EXACT, msg=f"{u} layer {l}")

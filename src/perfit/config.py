@@ -74,6 +74,9 @@ class RunConfig:
                          ("stage1", "stage2_only"), choices=("loreft", "zero"))
     lr: float = _f(2e-3, "AdamW learning rate of stage 1 (no weight decay: it stalls these tiny modules).", ("stage1",), min=0)
     user_lr: float = _f(2e-3, "AdamW learning rate of stage 2.", ("users", "stage2_only"), min=0)
+    early_stopping: int = _f(0, "Stage 2: each user's last N history items become its validation set; the user's shift at its best validation loss is kept, and it stops after `patience` epochs without improvement (0: off).",
+                             ("users", "stage2_only"), min=0)
+    patience: int = _f(2, "Early stopping: epochs without a better validation loss before a user stops.", ("users", "stage2_only"), min=1)
     max_users: int = _f(0, "Use only the first N test users (0: all). Each user's shift does not depend on the others.", ("predictions",), min=0)
     max_stage1_examples: int = _f(0, "Use at most N stage-1 examples, taken evenly across users (0: all).", ("stage1_data",), min=0)
     holdout: int = _f(0, "Tuning mode: each test user's last N history items become its queries and the rest its history; the real queries are never used. 0: off.", ("test_data",), min=0)

@@ -362,12 +362,17 @@ class PerFitModel:
         c = self.cfg
         module_of = {u: k for k, u in enumerate(group)}
         examples = {u: self.personal_examples(u, histories[u]) for u in group}
-        ex = tokenize_examples(self.tok, [e for u in group for e in examples[u]], c.max_length, module_of)
+        # early stopping: a user's last items validate the rest (users with too few items train on all)
+        n_val = {u: c.early_stopping if 0 < c.early_stopping < len(examples[u]) else 0 for u in group}
+        ex = tokenize_examples(self.tok, [e for u in group for e in examples[u][: len(examples[u]) - n_val[u]]], c.max_length,
+                               module_of)
+        val = tokenize_examples(self.tok, [e for u in group for e in examples[u][len(examples[u]) - n_val[u]:]],
+                                c.max_length, module_of)
         sh = self.collective.spawn(len(group))
         with sh.attached(self.model):
             stats = train_shifts(self.model, sh, ex, epochs=c.max_epoch, batch_size=c.batch_size, lr=c.user_lr,
                                  train_collective=False, pad_id=self.tok.pad_token_id, first=self.first, last=self.last,
-                                 seed=c.seed, desc=desc, **self._train_kw())
+                                 seed=c.seed, desc=desc, val_examples=val or None, patience=c.patience, **self._train_kw())
         now = round(time.time(), 3)
         info = {}
         for u in group:
@@ -375,6 +380,9 @@ class PerFitModel:
             info[u] = {"items": len(histories[u]), "examples": len(examples[u]), "history_digest": history_digest(examples[u]),
                        "epoch_losses": losses, "final_loss": losses[-1] if losses else None,
                        "train_seconds": round(stats.seconds / len(group), 3), "trained_at": now, "rank": dist.rank()}
+            if module_of[u] in stats.user_best_epoch:
+                info[u] |= {"best_epoch": stats.user_best_epoch[module_of[u]],
+                            "val_losses": stats.user_val_losses[module_of[u]]}
         log.info("%s: trained %d users (loss by epoch %s, %.1fs)", desc, len(group), [round(x, 4) for x in stats.epoch_losses],
                  stats.seconds)
         return {u: sh.user_state(module_of[u]) for u in group}, info

@@ -20,6 +20,7 @@ from ..faults import fault_point
 from ..progress import progress
 from ..shifts import Shifter
 from .caches import compute_frozen_prefix, compute_lower_cache
+from .early_stop import EarlyStopping
 from .forward import forward_loss
 from .optim import MaskedAdamW, schedule
 
@@ -38,6 +39,8 @@ class TrainStats:
     cached_on_disk: bool = False  # the frozen-state cache is memory-mapped on disk
     cached_frozen_prefix: bool = False
     ranks: int = 1  # processes that shared each step (data-parallel under torchrun)
+    user_best_epoch: dict = field(default_factory=dict)  # early stopping: module -> the epoch whose shift was kept
+    user_val_losses: dict = field(default_factory=dict)  # early stopping: module -> validation loss after each epoch
 
 
 def _all_reduce_grads(params) -> None:
@@ -83,7 +86,8 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
                  cache_max_bytes: int = 2 * 1024**3, share_prefix: bool = True, frozen_prefix: bool = True,
                  disk_cache_dir: str = "", disk_cache_max_bytes: int = 0, desc: str = "training",
                  resume: TrainState | None = None, on_epoch: Callable[[TrainState], None] | None = None,
-                 data_parallel: bool = False) -> TrainStats:
+                 data_parallel: bool = False, val_examples: list[TokenizedExample] | None = None,
+                 patience: int = 2) -> TrainStats:
     """Train the personal modules (and the collective one if `train_collective`) on `examples`, each example
     updating the personal module `example.module`. The shifter must be attached to `model`.
     `on_epoch(state)` is called at the end of every epoch-sized slice of steps; `resume` continues from such a state
@@ -119,6 +123,11 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
 
     steps = schedule(examples, epochs, batch_size, seed)
     per_epoch = max(1, -(-len(steps) // epochs))
+    early = None
+    if val_examples:
+        early = EarlyStopping(model, shifter, val_examples, patience, pad_id, first, last, max_rows)
+        early.epoch_end(sorted({e.module for e in examples}), 0)
+        ends = {(u, e): k for k, step in enumerate(steps) for u, e, _ in step}  # a user's epoch ends at its last step
     user_acc: dict[tuple[int, int], list[float]] = {}  # (module, epoch) -> [loss sum, tokens]
     acc = [0.0, 0]
     start, before = 0, 0.0
@@ -144,6 +153,10 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
     bar = progress(steps[start:], desc=desc, initial=start, total=len(steps))
     try:
         for k, step in enumerate(bar, start=start):
+            if early is not None:  # users that stopped take no more steps
+                step = [(u, e, idx) for u, e, idx in step if u not in early.stopped]
+                if not step:
+                    continue
             # each user's loss is the mean over its own target tokens in this step
             tokens_of = {u: sum(len(examples[i].ids) - examples[i].prompt_len for i in idx) for u, _, idx in step}
             epoch_of = {u: e for u, e, _ in step}
@@ -169,6 +182,10 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
             active = torch.zeros(shifter.num_users, dtype=torch.bool)
             active[list(tokens_of)] = True
             opt.step(active)
+            if early is not None:
+                for u, e, _ in step:
+                    if ends[(u, e)] == k:
+                        early.epoch_end([u], e + 1)
             stats.steps += 1
             stats.examples_seen += sum(len(idx) for _, _, idx in step)
             mean = total / max(ntok, 1)
@@ -185,6 +202,8 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
     finally:
         for p in shifter.parameters():
             p.requires_grad_(False)
+    if early is not None:
+        stats.user_best_epoch, stats.user_val_losses = early.restore(), early.history
     for (u, e), (s, n) in sorted(user_acc.items()):
         stats.user_epoch_losses.setdefault(u, []).append(s / max(n, 1))
     stats.seconds = before + time.perf_counter() - t0
