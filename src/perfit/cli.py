@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(ServeConfig):
         p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, required=f.name == "run_dir",
                        help=f"{f.metadata['help']} (default: {f.default!r})")
+    from .tune import TuneConfig
+
+    help = "search settings on held-out history (Optuna; a killed tune resumes); writes tune.json, tune.png, best_config.json"
+    _add_config_flags(sub.add_parser("tune", help=help, description=help), TuneConfig)
     help = "what the shifts learned: their spectrum across users, the shared part, users in the top-2 plane"
     p = sub.add_parser("analyze", help=help, description=help)
     p.add_argument("--run_dir", required=True)
@@ -225,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
             sc = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
             check_fields(sc)
             serve(sc)
+        elif args.command == "tune":
+            from .tune import TuneConfig, tune
+
+            doc = tune(_config(args, TuneConfig))
+            print(json.dumps({k: doc[k] for k in ("task", "method", "completed")} | {"best": doc.get("best")}, indent=1))
         elif args.command == "analyze":
             from .analyze import analyze_run
 

@@ -1,0 +1,187 @@
+"""`perfit tune`: a search over the settings that matter, as the paper chose its ranks, layers and positions (random or
+TPE search), every trial scored on each test user's held-out last `--holdout` history items, never on test queries.
+
+Optuna runs the search and keeps it in `<output_dir>/tune.db` (SQLite), so a killed tune resumes where it stopped
+(a trial cut short counts as failed and is not repeated). A trial runs one `perfit compare` method through
+`compare.run_method`; trials that differ only in stage-2 settings reuse the stage-1 checkpoint of an earlier trial.
+Writes `tune.json` (every trial), `tune.png` (the score against each setting) and `best_config.json` (the best
+settings, with holdout off: `perfit compare --config best_config.json` runs them on the test queries)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from .config import CompareConfig, ConfigError, _f, to_dict
+from .data import write_json_atomic
+
+log = logging.getLogger("perfit")
+
+# name -> {"type": "int" | "float" | "categorical", "low", "high", "log", "choices"}
+SPACES = {
+    "perfit": {
+        "low_rank_dimension": {"type": "int", "low": 4, "high": 64, "log": True},
+        "user_low_rank_dimension": {"type": "int", "low": 1, "high": 16, "log": True},
+        "intervene_layer": {"type": "categorical", "choices": ["14;15", "14;15;16", "10;15", "8;16", "20;24"]},
+        "positions": {"type": "categorical", "choices": ["f7+l7", "l7", "f3+l3", "f10+l10", "l14"]},
+        "lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+        "user_lr": {"type": "float", "low": 1e-3, "high": 5e-2, "log": True},
+        "max_epoch": {"type": "int", "low": 2, "high": 8},
+        "batch_size": {"type": "categorical", "choices": [4, 8, 16]},
+        "shift_init": {"type": "categorical", "choices": ["loreft", "zero"]},
+    },
+    "oppu": {
+        "oppu_lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "max_epoch": {"type": "int", "low": 2, "high": 8},
+    },
+}
+SPACES["perfit_stage2_only"] = {k: v for k, v in SPACES["perfit"].items() if k not in ("lr",)}
+
+
+@dataclass
+class TuneConfig(CompareConfig):
+    method: str = _f("perfit", "The method tuned (a `perfit compare` method with a search space: perfit, perfit_stage2_only, oppu).", ())
+    trials: int = _f(20, "Trials in all (a resumed tune runs only the missing ones).", (), min=1)
+    space: str = _f("", "JSON or YAML file of the search space ({setting: {type: int|float|categorical, low, high, log, choices}}). Empty: the method's default space.", ())
+    sampler: str = _f("tpe", "Optuna sampler: tpe or random.", (), choices=("tpe", "random"))
+    output_dir: str = _f("tune", "Folder of tune.db, tune.json, tune.png, best_config.json and every trial's checkpoints.", ())
+
+
+def search_space(tc: TuneConfig) -> dict:
+    if tc.space:
+        space = _read_space(tc.space)
+    elif tc.method in SPACES:
+        space = SPACES[tc.method]
+    else:
+        raise ConfigError(f"--method {tc.method}: no default search space; give one with --space (methods with one: "
+                          f"{', '.join(SPACES)})")
+    fields = {f.name for f in dataclasses.fields(CompareConfig)}
+    bad = sorted(set(space) - fields)
+    if bad:
+        raise ConfigError(f"--space {tc.space}: {bad} are not settings")
+    for name, spec in space.items():
+        if spec.get("type") not in ("int", "float", "categorical") or \
+                (spec["type"] == "categorical" and not spec.get("choices")) or \
+                (spec["type"] != "categorical" and not ("low" in spec and "high" in spec)):
+            raise ConfigError(f"--space: {name!r} needs type int|float with low and high, or categorical with choices")
+    return space
+
+
+def _read_space(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--space {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--space {path}: expected a mapping of settings to their ranges")
+    return data
+
+
+def _suggest(trial, space: dict) -> dict:
+    out = {}
+    for name, s in space.items():
+        if s["type"] == "int":
+            out[name] = trial.suggest_int(name, int(s["low"]), int(s["high"]), log=bool(s.get("log")))
+        elif s["type"] == "float":
+            out[name] = trial.suggest_float(name, float(s["low"]), float(s["high"]), log=bool(s.get("log")))
+        else:
+            out[name] = trial.suggest_categorical(name, list(s["choices"]))
+    return out
+
+
+def tune(tc: TuneConfig) -> dict:
+    import optuna
+
+    from .compare import run_method
+
+    if tc.holdout <= 0:
+        raise ConfigError("--holdout must be > 0: trials are scored on each test user's held-out last history items, "
+                          "never on the test queries")
+    base = CompareConfig(**{f.name: getattr(tc, f.name) for f in dataclasses.fields(CompareConfig)})
+    base = dataclasses.replace(base, output_dir=os.path.join(tc.output_dir, "trials"), isolate=0)
+    base.resolved()
+    space = search_space(tc)
+    os.makedirs(tc.output_dir, exist_ok=True)
+    sampler = optuna.samplers.TPESampler(seed=tc.seed) if tc.sampler == "tpe" else optuna.samplers.RandomSampler(seed=tc.seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=f"{tc.task_name}-{tc.method}", direction="maximize", sampler=sampler,
+                                storage=f"sqlite:///{os.path.join(tc.output_dir, 'tune.db')}", load_if_exists=True)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # cut short by a kill: counted as failed, not repeated
+    metric = {}
+
+    def objective(trial) -> float:
+        params = _suggest(trial, space)
+        cfg = dataclasses.replace(base, **params)
+        rec = run_method(cfg, tc.method)
+        m = rec["metrics"]
+        metric["name"] = "accuracy" if "accuracy" in m else "rouge-1"
+        trial.set_user_attr("metrics", m)
+        log.info("tune: trial %d %s -> %s %.4f", trial.number, params, metric["name"], m[metric["name"]])
+        return float(m[metric["name"]])
+
+    done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    if done < tc.trials:
+        study.optimize(objective, n_trials=tc.trials - done, catch=(ValueError,))
+    return write_results(tc, study, space)
+
+
+def write_results(tc: TuneConfig, study, space: dict) -> dict:
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    trials = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
+               "metrics": t.user_attrs.get("metrics")} for t in study.get_trials(deepcopy=False)]
+    doc = {"task": tc.task_name, "method": tc.method, "holdout": tc.holdout, "space": space, "trials": trials,
+           "completed": len(complete)}
+    if complete:
+        best = study.best_trial
+        doc["best"] = {"number": best.number, "value": best.value, "params": best.params}
+        cfg = to_dict(CompareConfig(**{f.name: getattr(tc, f.name) for f in dataclasses.fields(CompareConfig)})) \
+            | best.params | {"holdout": 0, "methods": tc.method}
+        write_json_atomic(os.path.join(tc.output_dir, "best_config.json"), cfg)
+    write_json_atomic(os.path.join(tc.output_dir, "tune.json"), doc)
+    if complete:
+        _plot(complete, space, os.path.join(tc.output_dir, "tune.png"), f"{tc.task_name}, {tc.method}: held-out score")
+    return doc
+
+
+def _plot(trials, space: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(space)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        xs = [t.params.get(name) for t in trials]
+        ys = [t.value for t in trials]
+        if space[name]["type"] == "categorical":
+            cats = [str(c) for c in space[name]["choices"]]
+            ax.scatter([cats.index(str(x)) for x in xs], ys, s=18)
+            ax.set_xticks(range(len(cats)), cats, rotation=30, fontsize=7)
+        else:
+            ax.scatter(xs, ys, s=18)
+            if space[name].get("log"):
+                ax.set_xscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=90)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)

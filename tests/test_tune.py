@@ -1,0 +1,49 @@
+"""perfit tune on the tiny Llama: trials scored on held-out history, stage 1 reused across trials that differ only in
+stage-2 settings, the best settings written as a config, and a tune killed mid-trial resuming where it stopped."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from perfit.tune import TuneConfig, tune
+
+from conftest import TINY_RUN
+
+
+def _space(tmp_path):
+    p = tmp_path / "space.json"
+    p.write_text(json.dumps({"user_lr": {"type": "float", "low": 1e-3, "high": 5e-2, "log": True},
+                             "max_epoch": {"type": "int", "low": 1, "high": 2}}))
+    return str(p)
+
+
+def test_two_trials_on_held_out_history(tiny_model_dir, data, tmp_path, caplog):
+    tc = TuneConfig(**(TINY_RUN | dict(data_dir=data, model_path=tiny_model_dir, output_dir=str(tmp_path / "t"),
+                                       method="perfit", trials=2, holdout=1, space=_space(tmp_path))))
+    caplog.set_level("INFO", logger="perfit")
+    doc = tune(tc)
+    assert doc["completed"] == 2 and len(doc["trials"]) == 2
+    assert all(t["metrics"]["n"] == 3 for t in doc["trials"])  # 3 users x 1 held-out item: never the 6 test queries
+    assert caplog.text.count("stage 1: 12 examples") == 1 and "reusing the checkpoint of" in caplog.text
+    best = json.load(open(tmp_path / "t" / "best_config.json"))
+    assert best["holdout"] == 0 and best["methods"] == "perfit"
+    assert {k: best[k] for k in ("user_lr", "max_epoch")} == doc["best"]["params"]
+    assert os.path.getsize(tmp_path / "t" / "tune.png") > 5000
+    with pytest.raises(ValueError, match="--holdout must be > 0"):
+        tune(TuneConfig(**(TINY_RUN | dict(data_dir=data, model_path=tiny_model_dir, output_dir=str(tmp_path / "u")))))
+
+
+@pytest.mark.slow
+def test_a_killed_tune_resumes(tiny_model_dir, data, tmp_path):
+    args = [sys.executable, "-m", "perfit", "tune", f"--data_dir={data}", f"--model_path={tiny_model_dir}",
+            f"--output_dir={tmp_path / 't'}", "--trials=2", "--holdout=1", f"--space={_space(tmp_path)}"] + \
+        [f"--{k}={v}" for k, v in TINY_RUN.items()]
+    env = {k: v for k, v in os.environ.items() if k != "PERFIT_FAULT"}
+    killed = subprocess.run(args, env=env | {"PERFIT_FAULT": "train.step:2"}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    doc = json.load(open(tmp_path / "t" / "tune.json"))
+    assert doc["completed"] == 2 and [t["state"] for t in doc["trials"]] == ["FAIL", "COMPLETE", "COMPLETE"]
