@@ -179,7 +179,7 @@ def _task_lora_model(exp, cfg, backbone):
 def _lora_method(exp, cfg, method: str) -> dict:
     from .baselines import lora
     from .batching import tokenize_examples
-    from .store import UserStore
+    from .store import UserStore, history_digest
 
     c = exp.cfg
     backbone = load_backbone(c.model_path, c.dtype, c.cuda_device, c.model_name)
@@ -206,8 +206,6 @@ def _lora_method(exp, cfg, method: str) -> dict:
     keys = artifact_keys(cfg, exp.fingerprints)
     store = UserStore(os.path.join(_baseline_dir(exp, "oppu"), "users.sqlite"),
                       {"key": keys["oppu"], "settings": settings | {"oppu_lr": cfg.oppu_lr}})
-    from .store import history_digest
-
     preds = [""] * len(prompts)
     gen_s = 0.0
     for u in exp.data.test_users:

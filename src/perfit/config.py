@@ -252,29 +252,34 @@ def parse_layers(spec: str) -> list[int]:
     return sorted(layers)
 
 
-def load_config_file(path: str, cls) -> dict:
-    """Settings from a JSON or YAML file of `cls` fields (a run's own config.json works), checked for unknown fields;
-    flags given on the command line override them."""
-    import json as _json
-
+def read_mapping(path: str, flag: str, what: str) -> dict:
+    """A JSON or YAML file (by its ending) holding one mapping; a missing, malformed or other file is a ConfigError
+    naming the flag and the file."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise ConfigError(f"--config {path}: {e.strerror}") from None
+        raise ConfigError(f"{flag} {path}: {e.strerror}") from None
+    yaml_file = path.endswith((".yaml", ".yml"))
     try:
-        if path.endswith((".yaml", ".yml")):
+        if yaml_file:
             import yaml
 
             data = yaml.safe_load(text)
         else:
-            data = _json.loads(text)
+            data = json.loads(text)
     except Exception as e:  # noqa: BLE001 - JSONDecodeError / YAMLError: the file is at fault
-        raise ConfigError(f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: {e}") from None
+        raise ConfigError(f"{flag} {path}: not valid {'YAML' if yaml_file else 'JSON'}: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of {cls.__name__} fields")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+        raise ConfigError(f"{flag} {path}: expected a mapping of {what}")
+    return data
+
+
+def load_config_file(path: str, cls) -> dict:
+    """Settings from a JSON or YAML file of `cls` fields (a run's own config.json works), checked for unknown fields;
+    flags given on the command line override them."""
+    data = read_mapping(path, "--config", f"{cls.__name__} fields")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ConfigError(f"--config {path}: unknown {cls.__name__} fields {unknown}")
     return data

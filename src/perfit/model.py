@@ -7,8 +7,8 @@ run. The one core that every command, the server and the benchmarks use, in the 
     pm.forget("new-user")
 
 A run dir holds `config.json` (the RunConfig), `prompts.json` (the templates used), `task_reft/ckpt/` (the
-collective shift and the initial personal shift P0, with the config and data identity that made them) and `users/`
-(one personal shift per user).
+collective shift and the initial personal shift P0, with the config and data identity that made them) and
+`users.sqlite` (one personal shift per user).
 """
 from __future__ import annotations
 
@@ -222,7 +222,8 @@ class PerFitModel:
         key = self.keys()["stage1"]
         partial = os.path.join(self.run_dir, PARTIAL)
         resume = None if fresh or not dist.is_main() else _load_partial(partial, key)
-        resume = _from_bytes(dist.broadcast(_to_bytes(resume)))  # rank 0 reads the run dir; every rank resumes alike
+        if dist.enabled():  # rank 0 reads the run dir; every rank resumes alike
+            resume = _from_bytes(dist.broadcast(_to_bytes(resume)))
         if resume is not None:
             log.info("%s: resuming at step %d from %s", desc, resume.step, partial)
 
@@ -281,7 +282,7 @@ class PerFitModel:
     def open_store(self, overwrite: bool = False) -> UserStore:
         """The run's user store, checked against the current settings (a store made otherwise is an error unless
         `overwrite`, which empties it)."""
-        path = self._store_path()
+        path = store_path(self.run_dir)
         try:
             self._store = UserStore(path, self.store_config())
         except RunStateError:
@@ -294,16 +295,10 @@ class PerFitModel:
             self._store = UserStore(path, self.store_config())
         return self._store
 
-    def _store_path(self) -> str:
-        path, legacy = os.path.join(self.run_dir, USERS), os.path.join(self.run_dir, LEGACY_USERS)
-        if not os.path.isfile(path) and os.path.isfile(os.path.join(legacy, "index.json")):
-            raise RunStateError(legacy_store_message(legacy, self.run_dir))
-        return path
-
     @property
     def store(self) -> UserStore:
         if self._store is None:
-            path = self._store_path()
+            path = store_path(self.run_dir)
             self._store = UserStore(path) if os.path.isfile(path) else self.open_store()
         return self._store
 
@@ -391,7 +386,7 @@ class PerFitModel:
         """Remove everything stored about a user (its shift and its record); its next query gets the stage-1 shifts.
         Returns whether the user was stored."""
         self._cached.pop(user_id, None)
-        return forget_user(self.run_dir, user_id, self.store)
+        return self.store.delete(user_id)
 
     # ------------------------------------------------------------------ generation
 
@@ -429,6 +424,7 @@ class PerFitModel:
         out, unknown = self._decode([r.user_id for r in requests], [r.prompt_ids for r in requests], "perfit", desc,
                                     max_new_tokens=[r.max_new_tokens for r in requests], task=[r.task for r in requests],
                                     on_token=(lambda i, t: streams[i](t) if streams[i] else None) if any(streams) else None)
+        unknown = set(unknown)
         return [CompletionResult(out.texts[i], out.tokens[i], out.finish[i], r.user_id not in unknown)
                 for i, r in enumerate(requests)]
 
@@ -448,10 +444,11 @@ class PerFitModel:
         out = GenerationOutput([""] * len(prompts), [[] for _ in prompts], [], ["length"] * len(prompts))
         users = list(dict.fromkeys(user_ids))
         unknown = [u for u in users if u not in self.store]
+        unknown_set = set(unknown)
         per_row = {k: v for k, v in kw.items() if isinstance(v, list)}
         for g in range(0, len(users), self.cfg.user_group_size):
             group = users[g: g + self.cfg.user_group_size]
-            known = [u for u in group if u not in unknown]
+            known = [u for u in group if u not in unknown_set]
             module_of = {u: 0 for u in group} | {u: k + 1 for k, u in enumerate(known)}  # module 0: P0
             sh = sh1.spawn(len(known) + 1)
             for u in known:
@@ -487,18 +484,24 @@ class CompletionResult:
     personal_shift: bool
 
 
-def run_store(run_dir: str) -> UserStore:
-    """A run's user store on its own (no model), or a clear error (no run dir; a store in the earlier layout)."""
-    load_run_config(run_dir)
+def store_path(run_dir: str) -> str:
+    """Where a run's user store is; a store in the earlier layout (a users/ folder) is an error that gives the one
+    command converting it."""
     path, legacy = os.path.join(run_dir, USERS), os.path.join(run_dir, LEGACY_USERS)
     if not os.path.isfile(path) and os.path.isfile(os.path.join(legacy, "index.json")):
         raise RunStateError(legacy_store_message(legacy, run_dir))
-    return UserStore(path)
+    return path
 
 
-def forget_user(run_dir: str, user_id: str, store: UserStore | None = None) -> bool:
+def run_store(run_dir: str) -> UserStore:
+    """A run's user store on its own (no model), or a clear error (no run dir; a store in the earlier layout)."""
+    load_run_config(run_dir)
+    return UserStore(store_path(run_dir))
+
+
+def forget_user(run_dir: str, user_id: str) -> bool:
     """`PerFitModel.forget` without loading a model (what `perfit forget` runs)."""
-    return (store or run_store(run_dir)).delete(user_id)
+    return run_store(run_dir).delete(user_id)
 
 
 def _config_diff(a: dict, b: dict) -> str:

@@ -16,7 +16,7 @@ from safetensors.torch import load, save
 
 from . import dist, metrics
 from .backbone import Backbone, load_backbone
-from .config import RunConfig, to_dict
+from .config import RunConfig
 from .data import DataError, OverlapCheck, Query, TaskData, User, data_fingerprint, load_task_data, write_json_atomic
 from .data.synthetic import generate
 from .errors import RunStateError
@@ -149,11 +149,20 @@ def _sibling_checkpoints(exp: Experiment) -> list[str]:
     return sorted(d for d in dirs if d != os.path.realpath(here))
 
 
+def _share_stage1(pm: PerFitModel) -> None:
+    """Under torchrun: rank 0's stage-1 shifts (if it has them) on every rank. A single process has nothing to share."""
+    if not dist.enabled():
+        return
+    found = (save(pm.collective.state_dict()), pm.stage1_meta) if dist.is_main() and pm.collective is not None else None
+    found = dist.broadcast(found)
+    if found is not None and pm.collective is None:
+        pm.set_collective(load_collective_from(found[1], load(found[0]))[0], found[1])
+
+
 def ensure_stage1(exp: Experiment, pm: PerFitModel) -> None:
     """Reuse this run's stage-1 checkpoint, or another run's with the same stage-1 key, or train it. Also checks the
     data (streams user_others.json once) before anything is trained. Under torchrun rank 0 decides and hands the
     reused checkpoint to the other ranks."""
-    found = None
     if dist.is_main():
         if pm.load_collective_if_current(bool(exp.cfg.overwrite)):
             log.info("stage 1: reusing checkpoint %s (same stage-1 settings and data)", os.path.join(exp.run_dir, CKPT))
@@ -162,14 +171,10 @@ def ensure_stage1(exp: Experiment, pm: PerFitModel) -> None:
                 if pm.adopt_collective(ckpt):
                     log.info("stage 1: reusing the checkpoint of %s (same stage-1 settings and data)", ckpt)
                     break
-        if pm.collective is not None:
-            found = (save(pm.collective.state_dict()), pm.stage1_meta)
-    found = dist.broadcast(found)
-    if found is not None and pm.collective is None:
-        sh, _ = load_collective_from(found[1], load(found[0]))
-        pm.set_collective(sh, found[1])
-    examples = scan_training_data(exp, collect=found is None)
-    if found is None:
+    _share_stage1(pm)
+    reused = pm.collective is not None
+    examples = scan_training_data(exp, collect=not reused)
+    if not reused:
         pm.fit_collective(examples, fresh=bool(exp.cfg.overwrite))
     exp.timings["stage1_train_seconds"] = pm.stage1_meta.get("train_seconds", 0.0)
     if dist.is_main():
@@ -284,13 +289,9 @@ def _require_stage1(exp: Experiment, pm: PerFitModel) -> None:
 def stage2_only(cfg: RunConfig, backbone: Backbone | None = None) -> str:
     exp = prepare(cfg)
     pm = open_model(exp, backbone)
-    found = None
     if dist.is_main():
         _require_stage1(exp, pm)
-        found = (save(pm.collective.state_dict()), pm.stage1_meta)
-    found = dist.broadcast(found)
-    if pm.collective is None:
-        pm.set_collective(load_collective_from(found[1], load(found[0]))[0], found[1])
+    _share_stage1(pm)
     scan_training_data(exp, collect=False)
     ensure_users(exp, pm)
     return os.path.join(exp.run_dir, USERS)

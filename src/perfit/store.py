@@ -78,17 +78,12 @@ class UserStore:
     def __init__(self, path: str, config: dict | None = None):
         self.path = path
         self._local = threading.local()
-        exists = os.path.isfile(path)
-        if not exists and config is None:
-            raise RunStateError(f"{path}: not a user store")
-        if not exists:
+        if not os.path.isfile(path):
+            if config is None:
+                raise RunStateError(f"{path}: not a user store")
             os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        db = self._db()
-        if not exists:
-            with self._write() as c:
-                c.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config),))
         stored = self._meta("config")
-        if stored is None:  # created by a process killed before its first commit
+        if stored is None:  # a new file, or one whose creator was killed before its first commit
             if config is None:
                 raise RunStateError(f"{path}: not a user store (no config)")
             with self._write() as c:
@@ -99,7 +94,6 @@ class UserStore:
                                 f"({_diff(stored.get('settings', stored), config.get('settings', config))}); "
                                 f"use another run dir, or --overwrite 1 to retrain and replace it")
         self.config = stored
-        del db
 
     # ---------------------------------------------------------------- connections and transactions
 

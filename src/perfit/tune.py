@@ -9,12 +9,11 @@ settings, with holdout off: `perfit compare --config best_config.json` runs them
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
 
-from .config import CompareConfig, ConfigError, _f, to_dict
+from .config import CompareConfig, ConfigError, _f, read_mapping, to_dict
 from .data import write_json_atomic
 
 log = logging.getLogger("perfit")
@@ -51,7 +50,7 @@ class TuneConfig(CompareConfig):
 
 def search_space(tc: TuneConfig) -> dict:
     if tc.space:
-        space = _read_space(tc.space)
+        space = read_mapping(tc.space, "--space", "settings to their ranges")
     elif tc.method in SPACES:
         space = SPACES[tc.method]
     else:
@@ -67,23 +66,6 @@ def search_space(tc: TuneConfig) -> dict:
                 (spec["type"] != "categorical" and not ("low" in spec and "high" in spec)):
             raise ConfigError(f"--space: {name!r} needs type int|float with low and high, or categorical with choices")
     return space
-
-
-def _read_space(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--space {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--space {path}: expected a mapping of settings to their ranges")
-    return data
 
 
 def _suggest(trial, space: dict) -> dict:
