@@ -56,3 +56,16 @@ def test_cli_analyze_on_a_finished_run(finished_run, tmp_path, capsys):
     assert all(-1 <= c <= 1 for c in out["cosine_to_collective"]["per_user"].values())
     assert out["preference_vs_shift_distance"]["pairs"] == 3  # generated data: the manifest's true preferences
     assert "cumulative" in capsys.readouterr().out
+
+
+def test_analyze_without_stored_users_is_a_clear_error(finished_run, tmp_path, capsys):
+    _, res = finished_run
+    run = str(tmp_path / "run")
+    shutil.copytree(res["run_dir"], run)
+    for u in ("u0000", "u0001", "u0002"):
+        assert main(["forget", "--run_dir", run, "--user_id", u]) == 0
+    capsys.readouterr()
+    assert main(["analyze", "--run_dir", run, "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "none of these 3 test users has a stored shift" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o")

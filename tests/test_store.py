@@ -152,3 +152,15 @@ def test_store_commands_and_converting_an_old_run(finished_run, tmp_path, capsys
     assert list(PerFitModel.from_run(run).generate(["u0001"], ["a film about dragons"])) == list(before)
     assert main(["store", "import", "--run_dir", run, "--from", os.path.join(run, "users")]) == 2  # never over a store
     assert main(["store", "show", "--run_dir", run, "--user_id", "nobody"]) == 2
+
+
+def test_a_failed_import_leaves_no_store(tmp_path):
+    sh = Shifter(16, [0], 2, 2, num_users=2)
+    store = UserStore(str(tmp_path / "a.sqlite"), {"key": "k"})
+    store.put_many(_tensors(sh, ["u1", "u2"]))
+    store.export(str(tmp_path / "out"))
+    index = json.load(open(tmp_path / "out" / "index.json"))
+    (tmp_path / "out" / index["u2"]["file"]).write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):
+        UserStore.import_folder(str(tmp_path / "out"), str(tmp_path / "b.sqlite"))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("b.sqlite")]  # nothing half-built left behind

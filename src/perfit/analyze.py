@@ -18,6 +18,7 @@ import torch
 
 from .batching import make_batch
 from .data import write_json_atomic
+from .errors import RunStateError
 from .model import PerFitModel
 from .prefix import capture_layer_outputs
 from .shifts import Shifter, ShiftState
@@ -59,7 +60,8 @@ def shift_vectors(pm: PerFitModel, queries_of: dict[str, list[str]], batch_size:
         coll_sum = coll_sum + torch.cat(sums["collective"]).double().cpu()
         coll_n += n
     if not users:
-        raise ValueError("no test user has a stored shift: run stage 2 first")
+        raise RunStateError(f"{pm.run_dir}: none of these {len(queries_of)} test users has a stored shift; run "
+                            f"`perfit stage2` (or `perfit run`) first")
     return {"users": users, "total": torch.stack(total), "personal": torch.stack(personal), "collective": coll_sum / coll_n}
 
 

@@ -229,8 +229,8 @@ class UserStore:
 
     @classmethod
     def import_folder(cls, folder: str, path: str) -> "UserStore":
-        """A store made from a folder in the earlier layout (what `export` writes, or a run's old `users/`), in one
-        transaction."""
+        """A store made from a folder in the earlier layout (what `export` writes, or a run's old `users/`): built in
+        a temporary file renamed into place once every user is in, so a failed import leaves no store behind."""
         cfg_path, idx_path = os.path.join(folder, LEGACY_CONFIG), os.path.join(folder, LEGACY_INDEX)
         if not os.path.isfile(cfg_path):
             raise RunStateError(f"{folder}: not a user store folder (no {LEGACY_CONFIG})")
@@ -240,10 +240,19 @@ class UserStore:
         if os.path.isfile(idx_path):
             with open(idx_path, encoding="utf-8") as f:
                 index = json.load(f)
-        store = cls(path, config if "key" in config else {"key": "imported", "settings": config})
-        tensors = {u: load_file(os.path.join(folder, e["file"])) for u, e in index.items()}
-        store.put_many(tensors, {u: {k: v for k, v in e.items() if k not in ("file", "stored_at")} for u, e in index.items()})
-        return store
+        tmp = f"{path}.importing-{os.getpid()}"
+        try:
+            store = cls(tmp, config if "key" in config else {"key": "imported", "settings": config})
+            tensors = {u: load_file(os.path.join(folder, e["file"])) for u, e in index.items()}
+            store.put_many(tensors, {u: {k: v for k, v in e.items() if k not in ("file", "stored_at")} for u, e in index.items()})
+            store.disk_bytes()  # folds the write-ahead log into the file before it moves
+            store.close()
+            os.replace(tmp, path)
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(tmp + suffix):
+                    os.unlink(tmp + suffix)
+        return cls(path)
 
     def disk_bytes(self) -> int:
         """The file's size once the write-ahead log is folded into it."""
