@@ -29,7 +29,7 @@ import torch
 from perfit import PerFitModel, pipeline
 from perfit.config import RunConfig
 from perfit.data import load_task_data
-from perfit.serve.launch import launch
+from perfit.serve.launch import launch, stop
 
 N_USERS = 1000
 
@@ -120,8 +120,7 @@ def main():
         personalize_s = time.perf_counter() - t0
         httpx.delete(url + "/v1/users/bench-new")
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop(proc, timeout=60)
     print(f"run {run}: {N_USERS} stored users (trained shifts + noise), {args.clients} clients, batches up to "
           f"{args.max_batch_size}, {args.max_wait_ms} ms wait, {args.seconds:.0f} s per phase, {torch.get_num_threads()} threads")
     for name, r in (("concurrent", batched), ("one at a time", sequential)):

@@ -1,8 +1,6 @@
 """`perfit serve` for real: uvicorn in a subprocess on a free loopback port, a run of the tiny Llama served in float64
 (so that answers batched with other users' equal each user's answer alone, to the last bit that matters)."""
 import concurrent.futures
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +11,7 @@ import pytest
 
 from perfit import PerFitModel
 from perfit.data import load_task_data
-from perfit.serve.launch import launch
+from perfit.serve.launch import launch, stop
 
 NEW = [{"id": "n1", "description": "A starship crew answers an alien signal.", "tag": "sci-fi"},
        {"id": "n2", "description": "Androids and a warp drive in a distant galaxy.", "tag": "sci-fi"},
@@ -27,14 +25,7 @@ def start_server(run_dir: str, *extra: str, lifetime: int = 300):
 
 def stop_server(proc) -> str:
     """SIGTERM, then the server's whole output."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    with open(proc.log_path) as f:
-        return f.read()
+    return stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Start `perfit serve` in a child process on a free loopback port and wait until it answers (tests, benchmarks,
-notebooks). The child stops by itself after `lifetime` seconds whatever happens to its parent."""
+notebooks). The child stops by itself after `lifetime` seconds whatever happens to its parent; `stop` ends it and
+removes its log."""
 from __future__ import annotations
 
 import os
@@ -38,4 +39,19 @@ def launch(run_dir: str, *args: str, lifetime: float = 300, timeout: float = 120
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"perfit serve did not answer on {url} within {timeout:.0f} s")
+    raise RuntimeError(f"perfit serve did not answer on {url} within {timeout:.0f} s; its output: {log_path}")
+
+
+def stop(proc, timeout: float = 30) -> str:
+    """SIGTERM (in-flight requests finish), SIGKILL after `timeout` s; returns the server's whole output and removes
+    its log file."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    with open(proc.log_path) as f:
+        out = f.read()
+    os.unlink(proc.log_path)
+    return out
