@@ -4,7 +4,7 @@ import pytest
 
 from conftest import write_json
 from perfit.cli import build_parser, main
-from perfit.config import RunConfig
+from perfit.config import CompareConfig, RunConfig
 from perfit.data import DataError
 from perfit.data.schema import Query
 from perfit.metrics import classification_metrics, generation_metrics
@@ -80,12 +80,40 @@ def test_clean_prediction():
     assert clean_prediction("\n\n A headline\nmore") == "A headline"  # instruct models often open with a newline
 
 
+SEED_PRESETS = {  # the paper's, as published: what any model without its own section gets (Llama-2-7B)
+    "movie_tagging": (32, 4, [14, 15], "f7+l7", 4), "news_categorize": (16, 32, [14, 15, 16], "f7+l7", 6),
+    "news_headline": (32, 4, [14, 15, 16], "l7", 4)}
+
+
 def test_presets_and_overrides():
-    c = RunConfig(task_name="news_categorize").resolved()
-    assert (c.low_rank_dimension, c.user_low_rank_dimension, c.layers, c.positions, c.max_epoch) == (16, 32, [14, 15, 16], "f7+l7", 6)
-    c = RunConfig(task_name="news_headline", user_low_rank_dimension=8, intervene_layer="3;1").resolved()
+    for task, want in SEED_PRESETS.items():
+        c = RunConfig(task_name=task, model_path="/models/llama-2-7b").resolved()
+        assert (c.low_rank_dimension, c.user_low_rank_dimension, c.layers, c.positions, c.max_epoch) == want
+        assert (c.stage1_epochs, c.user_lr, c.shift_init, c.early_stopping, c.lr) == (want[4], 2e-3, "loreft", 0, 2e-3)
+        c = CompareConfig(task_name=task, model_path="/m", max_epoch=3).resolved()
+        assert (c.oppu_lr, c.oppu_epochs) == (1e-3, 3)  # OPPU trains each user as long as PerFit's stage 2
+    c = RunConfig(task_name="news_headline", model_path="/m", user_low_rank_dimension=8, intervene_layer="3;1").resolved()
     assert (c.low_rank_dimension, c.user_low_rank_dimension, c.layers, c.positions) == (32, 8, [1, 3], "l7")
     assert c.default_run_dir().startswith("lr=32_ulr=8_il=1.3_pl=l7_ep=4_bs=8_seed=42_model=smollm2-135m_")
+
+
+def test_the_bundled_model_section_overlays_the_seed_presets_and_flags_beat_both():
+    from perfit.tasks import BUNDLED_MODEL, _packaged_json
+
+    data = _packaged_json("presets.json")
+    for task in SEED_PRESETS:
+        own = data["models"][BUNDLED_MODEL].get(task, {})
+        c = CompareConfig(task_name=task).resolved()
+        for k, v in (data[task] | own).items():
+            assert getattr(c, k) == v, (task, k)
+        flags = {"user_lr": 0.25, "shift_init": "loreft", "early_stopping": 0, "max_epoch": 3, "stage1_epochs": 2, "oppu_lr": 0.5,
+                 "oppu_epochs": 5}
+        c = CompareConfig(task_name=task, **flags).resolved()
+        assert {k: getattr(c, k) for k in flags} == flags
+    assert data["models"][BUNDLED_MODEL], "the bundled model has its own tuned section"
+    for bad in ({"user_lr": -0.5}, {"oppu_lr": -2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CompareConfig(**bad).resolved()
     for bad in ({"positions": "x7"}, {"intervene_layer": "a;b"}, {"batch_size": 0}, {"task_name": "nope"}):
         with pytest.raises(ValueError):
             RunConfig(**bad).resolved()
@@ -101,7 +129,7 @@ ALTERNATIVE = {
     "user_group_size": 4, "cache_max_bytes": 1, "disk_cache_max_bytes": 1, "disk_cache_dir": "/c", "prompts_file": "p.json",
     "allow_overlap": 1, "overwrite": 1, "num_users": 3, "num_other_users": 3, "history_per_user": 3, "queries_per_user": 3,
     "methods": "rag", "rag_k": 3, "rag_item_words": 5, "lora_rank": 4, "lora_alpha": 8, "lora_targets": "q_proj",
-    "lora_lr": 1e-2, "oppu_lr": 1e-2, "isolate": 0,
+    "lora_lr": 1e-2, "oppu_lr": 1e-2, "oppu_epochs": 3, "isolate": 0,
 }
 
 
@@ -146,7 +174,8 @@ def test_keys_mean_what_they_say():
     assert changed({"test_data": "other templates"}) == {"test_data", "users", "stage2_only", "oppu"}
     # runs differ in their folder exactly when their stage-1 checkpoint or users could differ
     name = base.default_run_dir()
-    for kw in ({"lr": 1e-3}, {"user_lr": 1e-3}, {"holdout": 1}, {"shift_init": "zero"}):
+    other_init = "loreft" if base.shift_init == "zero" else "zero"
+    for kw in ({"lr": base.lr / 2}, {"user_lr": base.user_lr / 2}, {"holdout": 1}, {"shift_init": other_init}):
         assert dataclasses.replace(base, **kw).default_run_dir() != name, kw
     for kw in ({"max_users": 3}, {"rows_per_pass": 64}, {"rag_k": 5}, {"lora_lr": 0.1}):
         assert dataclasses.replace(base, **kw).default_run_dir() == name, kw

@@ -216,7 +216,7 @@ def _lora_method(exp, cfg, method: str) -> dict:
         else:
             lora.load_adapter(upm, init)
             ex = tokenize_examples(tok, examples, c.max_length)
-            stats = lora.train_lm(base, ex, epochs=c.max_epoch, batch_size=c.batch_size, lr=cfg.oppu_lr,
+            stats = lora.train_lm(base, ex, epochs=cfg.oppu_epochs, batch_size=c.batch_size, lr=cfg.oppu_lr,
                                   pad_id=tok.pad_token_id, seed=c.seed, key=u.user_id, desc=f"OPPU {u.user_id}")
             store.put_many({u.user_id: lora.adapter_state(upm)},
                            {u.user_id: {"examples": len(ex), "history_digest": digest, "train_seconds": round(stats["seconds"], 3)}})
@@ -230,7 +230,7 @@ def _lora_method(exp, cfg, method: str) -> dict:
     return _record(exp, method, preds, device, params_shared=shared_params, params_per_user=lora.lora_parameters(upm),
                    bytes_per_user=store.bytes_per_user(), train_seconds_shared=shared_s,
                    train_seconds_per_user=sum(store.entry(u.user_id)["train_seconds"] for u in exp.data.test_users) / n,
-                   generate_seconds_per_query=gen_s / len(qids), settings=settings | {"oppu_lr": cfg.oppu_lr, "user_epochs": c.max_epoch})
+                   generate_seconds_per_query=gen_s / len(qids), settings=settings | {"oppu_lr": cfg.oppu_lr, "user_epochs": cfg.oppu_epochs})
 
 
 # one entry per method: what it is, and how it runs

@@ -46,6 +46,10 @@ def _f(default: Any, help: str, affects: tuple[str, ...], min: float | None = No
     return field(default=default, metadata={"help": help, "affects": tuple(affects), "min": min, "choices": choices})
 
 
+# a setting whose default is "preset" (-1 / empty) takes its task preset's value, else this
+PRESET_FALLBACKS = {"user_lr": 2e-3, "shift_init": "loreft", "early_stopping": 0, "oppu_lr": 1e-3}
+
+
 @dataclass
 class RunConfig:
     task_name: str = _f("movie_tagging", "LaMP task: movie_tagging, news_categorize or news_headline.", DATA)
@@ -68,14 +72,14 @@ class RunConfig:
     positions: str = _f("", "Prompt positions to shift: fN, lN or fN+lM. Empty: task preset.", ("stage1", "stage2_only"))
     max_epoch: int = _f(-1, "Epochs of stage 2 (and of stage 1 unless stage1_epochs is set). -1: task preset.",
                         ("users", "stage2_only", "oppu"), min=-1)
-    stage1_epochs: int = _f(-1, "Epochs of stage 1 (0: the collective shift stays as initialised). -1: same as max_epoch.",
+    stage1_epochs: int = _f(-1, "Epochs of stage 1 (0: the collective shift stays as initialised). -1: preset, else the same as max_epoch.",
                             ("stage1", "task_lora"), min=-1)
-    shift_init: str = _f("loreft", "Initial shifts: loreft (pyreft's random W, b) or zero (W = R, b = 0: each shift starts as the identity).",
-                         ("stage1", "stage2_only"), choices=("loreft", "zero"))
+    shift_init: str = _f("", "Initial shifts: loreft (pyreft's random W, b) or zero (W = R, b = 0: each shift starts as the identity). Empty: preset, else loreft.",
+                         ("stage1", "stage2_only"), choices=("", "loreft", "zero"))
     lr: float = _f(2e-3, "AdamW learning rate of stage 1 (no weight decay: it stalls these tiny modules).", ("stage1",), min=0)
-    user_lr: float = _f(2e-3, "AdamW learning rate of stage 2.", ("users", "stage2_only"), min=0)
-    early_stopping: int = _f(0, "Stage 2: each user's last N history items become its validation set; the user's shift at its best validation loss is kept, and it stops after `patience` epochs without improvement (0: off).",
-                             ("users", "stage2_only"), min=0)
+    user_lr: float = _f(-1.0, "AdamW learning rate of stage 2. -1: preset, else 2e-3.", ("users", "stage2_only"), min=-1)
+    early_stopping: int = _f(-1, "Stage 2: each user's last N history items become its validation set; the user's shift at its best validation loss is kept, and it stops after `patience` epochs without improvement (0: off; -1: preset, else off).",
+                             ("users", "stage2_only"), min=-1)
     patience: int = _f(2, "Early stopping: epochs without a better validation loss before a user stops.", ("users", "stage2_only"), min=1)
     max_users: int = _f(0, "Use only the first N test users (0: all). Each user's shift does not depend on the others.", ("predictions",), min=0)
     max_stage1_examples: int = _f(0, "Use at most N stage-1 examples, taken evenly across users (0: all).", ("stage1_data",), min=0)
@@ -105,7 +109,7 @@ class RunConfig:
             task = get_task(self.task_name)
         except ValueError as e:
             raise ConfigError(f"--task_name: {e}") from None
-        p = preset(self.task_name)
+        p = preset(self.task_name, self.model_path)
         c = dataclasses.replace(self)
         if c.low_rank_dimension < 0:
             c.low_rank_dimension = int(p["low_rank_dimension"])
@@ -118,7 +122,14 @@ class RunConfig:
         if c.max_epoch < 0:
             c.max_epoch = int(p["max_epoch"])
         if c.stage1_epochs < 0:
-            c.stage1_epochs = c.max_epoch
+            c.stage1_epochs = int(p.get("stage1_epochs", c.max_epoch))
+        if getattr(c, "oppu_epochs", 0) < 0:
+            c.oppu_epochs = int(p.get("oppu_epochs", c.max_epoch))
+        for name, fallback in PRESET_FALLBACKS.items():  # settings only a model's own preset section sets
+            if hasattr(c, name) and getattr(c, name) in (-1, ""):
+                setattr(c, name, type(fallback)(p.get(name, fallback)))
+            if isinstance(fallback, (int, float)) and getattr(c, name, 0) < 0:
+                raise ConfigError(f"--{name} must be >= 0 (or -1: preset), got {getattr(c, name)}")
         if c.user_low_rank_dimension < 1:
             raise ConfigError(f"--user_low_rank_dimension must be >= 1, got {c.user_low_rank_dimension}")
         if c.max_epoch < 1:
@@ -175,7 +186,8 @@ def check_fields(cfg) -> None:
         if md.get("min") is not None and v < md["min"]:
             raise ConfigError(f"--{f.name} must be >= {md['min']:g}, got {v}")
         if md.get("choices") and v not in md["choices"]:
-            raise ConfigError(f"--{f.name} {v!r}: choose from {', '.join(map(str, md['choices']))}")
+            shown = ", ".join(str(c) for c in md["choices"] if c != "")  # "" (preset) is the default, not a choice to offer
+            raise ConfigError(f"--{f.name} {v!r}: choose from {shown}")
 
 
 METHODS = ("user_majority", "zero_shot", "rag", "task_lora", "oppu", "stage1", "perfit", "perfit_stage2_only")
@@ -197,7 +209,8 @@ class CompareConfig(RunConfig):
     lora_alpha: int = _f(16, "task_lora / oppu: LoRA alpha.", ("task_lora",), min=1)
     lora_targets: str = _f("q_proj,v_proj", "task_lora / oppu: modules that get LoRA (OPPU: q and v projections).", ("task_lora",))
     lora_lr: float = _f(1e-3, "task_lora: AdamW learning rate (same epochs as stage 1).", ("task_lora",), min=0)
-    oppu_lr: float = _f(1e-3, "oppu: per-user AdamW learning rate (same epochs as stage 2).", ("oppu",), min=0)
+    oppu_lr: float = _f(-1.0, "oppu: per-user AdamW learning rate. -1: preset, else 1e-3.", ("oppu",), min=-1)
+    oppu_epochs: int = _f(-1, "oppu: per-user epochs. -1: preset, else max_epoch (PerFit's stage-2 epochs).", ("oppu",), min=-1)
     isolate: int = _f(1, "1: each method in its own process (own peak memory); 0: all in this process.", (), choices=(0, 1))
 
     def method_list(self) -> list[str]:

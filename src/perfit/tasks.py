@@ -59,9 +59,18 @@ def _packaged_json(name: str) -> dict:
     return json.loads(resources.files("perfit").joinpath("configs", name).read_text(encoding="utf-8"))
 
 
-def preset(task_name: str) -> dict:
+BUNDLED_MODEL = "smollm2-135m"
+
+
+def preset(task_name: str, model_path: str = "") -> dict:
+    """The seed's (the paper's) preset of a task, overlaid with the bundled model's own section (`models` in
+    presets.json, chosen by `perfit tune`) when `model_path` is empty. Any other model gets the seed's presets."""
     get_task(task_name)
-    return dict(_packaged_json("presets.json")[task_name])
+    data = _packaged_json("presets.json")
+    out = dict(data[task_name])
+    if not model_path:
+        out.update(data.get("models", {}).get(BUNDLED_MODEL, {}).get(task_name, {}))
+    return out
 
 
 def templates(task_name: str, path: str | None = None) -> dict:

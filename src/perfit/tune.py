@@ -33,7 +33,7 @@ SPACES = {
     },
     "oppu": {
         "oppu_lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        "max_epoch": {"type": "int", "low": 2, "high": 8},
+        "oppu_epochs": {"type": "int", "low": 2, "high": 8},
     },
 }
 SPACES["perfit_stage2_only"] = {k: v for k, v in SPACES["perfit"].items() if k not in ("lr",)}
@@ -128,8 +128,9 @@ def write_results(tc: TuneConfig, study, space: dict) -> dict:
     if complete:
         best = study.best_trial
         doc["best"] = {"number": best.number, "value": best.value, "params": best.params}
-        cfg = to_dict(CompareConfig(**{f.name: getattr(tc, f.name) for f in dataclasses.fields(CompareConfig)})) \
-            | best.params | {"holdout": 0, "methods": tc.method}
+        cfg = CompareConfig(**{f.name: getattr(tc, f.name) for f in dataclasses.fields(CompareConfig)})
+        # resolved: the file keeps meaning the same settings when presets change later
+        cfg = to_dict(dataclasses.replace(cfg, **best.params).resolved()) | {"holdout": 0, "methods": tc.method}
         write_json_atomic(os.path.join(tc.output_dir, "best_config.json"), cfg)
     write_json_atomic(os.path.join(tc.output_dir, "tune.json"), doc)
     if complete:
