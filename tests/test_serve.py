@@ -23,11 +23,6 @@ def start_server(run_dir: str, *extra: str, lifetime: int = 300):
     return launch(run_dir, "--dtype", "float64", "--max_wait_ms", "100", "--max_body_bytes", "20000", *extra, lifetime=lifetime)
 
 
-def stop_server(proc) -> str:
-    """SIGTERM, then the server's whole output."""
-    return stop(proc)
-
-
 @pytest.fixture(scope="module")
 def served(finished_run, tmp_path_factory):
     cfg, res = finished_run
@@ -35,7 +30,7 @@ def served(finished_run, tmp_path_factory):
     shutil.copytree(res["run_dir"], run)  # the server changes the store
     proc, url = start_server(run)
     yield run, url, cfg
-    log = stop_server(proc)
+    log = stop(proc)
     assert "Traceback" not in log, log[-3000:]
 
 
@@ -192,7 +187,7 @@ def test_api_key_and_binding(finished_run, tmp_path):
         ok = httpx.post(url + "/v1/generate", json=body, headers={"authorization": "Bearer s3cret-key-of-some-length"})
         assert ok.status_code == 200 and ok.json()["personal_shift"] is True
     finally:
-        stop_server(proc)
+        stop(proc)
     # beyond loopback only with a key; checked before anything binds or loads
     r = subprocess.run([sys.executable, "-m", "perfit.cli", "serve", "--run_dir", res["run_dir"], "--host", "0.0.0.0"],
                        capture_output=True, text=True, timeout=60)
@@ -238,7 +233,7 @@ def test_shutdown_lets_in_flight_requests_finish(finished_run):
         fut = ex.submit(httpx.post, url + "/v1/completions",
                         json={"model": "perfit", "prompt": "a long answer please", "max_tokens": 200}, timeout=60)
         time.sleep(1.0)
-        out_later = ex.submit(stop_server, proc)  # SIGTERM while the request is being answered
+        out_later = ex.submit(stop, proc)  # SIGTERM while the request is being answered
         r = fut.result()
         out = out_later.result()
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0

@@ -37,6 +37,7 @@ from .generate import GenerationOutput, greedy_generate
 from .prompts import Example, PromptBuilder
 from .shifts import Shifter
 from .store import UserStore, history_digest, legacy_store_message, save_safetensors_atomic
+from .store import remove_files as remove_store_files
 from .tasks import get_task
 from .train import TrainStats, train_shifts
 from .train.loop import TrainState
@@ -289,9 +290,7 @@ class PerFitModel:
             if not overwrite:
                 raise
             log.info("--overwrite: emptying the user store %s made with other settings", path)
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(path + suffix):
-                    os.unlink(path + suffix)
+            remove_store_files(path)
             self._store = UserStore(path, self.store_config())
         return self._store
 

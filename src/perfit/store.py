@@ -70,6 +70,13 @@ def legacy_store_message(folder: str, run_dir: str) -> str:
             f"perfit store import --run_dir {run_dir} --from {folder}")
 
 
+def remove_files(path: str) -> None:
+    """Delete a store: its SQLite file and the write-ahead log and shared-memory files beside it."""
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.unlink(path + suffix)
+
+
 class UserStore:
     """Per-user tensors in one SQLite file. `config` ({"key": ..., "settings": {...}}: what the stored shifts were
     trained with and on top of) is kept in the file, so the store loads without the command line; opening a store with
@@ -249,9 +256,7 @@ class UserStore:
             store.close()
             os.replace(tmp, path)
         finally:
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(tmp + suffix):
-                    os.unlink(tmp + suffix)
+            remove_files(tmp)
         return cls(path)
 
     def disk_bytes(self) -> int:

@@ -48,6 +48,11 @@ class TuneConfig(CompareConfig):
     output_dir: str = _f("tune", "Folder of tune.db, tune.json, tune.png, best_config.json and every trial's checkpoints.", ())
 
 
+def _compare_config(tc: TuneConfig) -> CompareConfig:
+    """The settings a trial runs with, without the tune's own."""
+    return CompareConfig(**{f.name: getattr(tc, f.name) for f in dataclasses.fields(CompareConfig)})
+
+
 def search_space(tc: TuneConfig) -> dict:
     if tc.space:
         space = read_mapping(tc.space, "--space", "settings to their ranges")
@@ -88,8 +93,7 @@ def tune(tc: TuneConfig) -> dict:
     if tc.holdout <= 0:
         raise ConfigError("--holdout must be > 0: trials are scored on each test user's held-out last history items, "
                           "never on the test queries")
-    base = CompareConfig(**{f.name: getattr(tc, f.name) for f in dataclasses.fields(CompareConfig)})
-    base = dataclasses.replace(base, output_dir=os.path.join(tc.output_dir, "trials"), isolate=0)
+    base = dataclasses.replace(_compare_config(tc), output_dir=os.path.join(tc.output_dir, "trials"), isolate=0)
     base.resolved()
     space = search_space(tc)
     os.makedirs(tc.output_dir, exist_ok=True)
@@ -128,9 +132,8 @@ def write_results(tc: TuneConfig, study, space: dict) -> dict:
     if complete:
         best = study.best_trial
         doc["best"] = {"number": best.number, "value": best.value, "params": best.params}
-        cfg = CompareConfig(**{f.name: getattr(tc, f.name) for f in dataclasses.fields(CompareConfig)})
         # resolved: the file keeps meaning the same settings when presets change later
-        cfg = to_dict(dataclasses.replace(cfg, **best.params).resolved()) | {"holdout": 0, "methods": tc.method}
+        cfg = to_dict(dataclasses.replace(_compare_config(tc), **best.params).resolved()) | {"holdout": 0, "methods": tc.method}
         write_json_atomic(os.path.join(tc.output_dir, "best_config.json"), cfg)
     write_json_atomic(os.path.join(tc.output_dir, "tune.json"), doc)
     if complete:
