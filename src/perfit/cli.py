@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
 
             sc = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
             check_fields(sc)
+            if sc.engine == "vllm":
+                from .vllm_plugin.server import serve_vllm
+
+                return serve_vllm(sc)
             serve(sc)
         elif args.command == "tune":
             from .tune import TuneConfig, tune

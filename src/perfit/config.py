@@ -329,3 +329,8 @@ class ServeConfig:
     max_prompt_tokens: int = _f(4096, "Longest prompt accepted, in tokens (also bounded by the run's max_length).", (), min=1)
     max_history_items: int = _f(1000, "Most history items one personalization request may carry.", (), min=1)
     max_lifetime_s: float = _f(0.0, "Stop (gracefully) after this many seconds; 0: run until stopped. For tests and benchmarks.", (), min=0)
+    engine: str = _f("embedded", "embedded: PerFit's own server (one process, online personalization endpoints); vllm: vLLM's "
+                     "OpenAI-compatible server with the PerFit plugin (continuous batching, paged KV cache; needs "
+                     "perfit[vllm]). With vllm, the flags above that vLLM has are passed to it and the others ignored.",
+                     (), choices=("embedded", "vllm"))
+    vllm_args: str = _f("", "More vLLM server flags, one string, given with = (--vllm_args='--max-num-seqs 64 --no-enable-prefix-caching').", ())

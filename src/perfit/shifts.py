@@ -19,7 +19,15 @@ from torch import nn
 from .backbone import decoder_layers
 from .config import parse_positions
 
-__all__ = ["parse_positions", "position_index", "LowRankShift", "ShiftState", "Shifter", "SHIFT_INITS"]
+__all__ = ["parse_positions", "shifted_positions", "position_index", "LowRankShift", "apply_shift", "ShiftState", "Shifter", "SHIFT_INITS"]
+
+
+def shifted_positions(n: int, first: int, last: int) -> list[int]:
+    """The prompt positions (0-based, of a prompt of n tokens) that the shifts act on: the first `first` and the last
+    `last`, each group capped at n // 2 so that they never overlap. The one definition that training, generation and
+    the vLLM plugin share."""
+    nf, nl = min(first, n // 2), min(last, n // 2)
+    return list(range(nf)) + list(range(n - nl, n))
 
 
 def position_index(prompt_lens: list[int], offsets: list[int], first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,8 +41,7 @@ def position_index(prompt_lens: list[int], offsets: list[int], first: int, last:
     idx = torch.zeros(len(prompt_lens), P, dtype=torch.long)
     valid = torch.zeros(len(prompt_lens), P, dtype=torch.bool)
     for b, (n, off) in enumerate(zip(prompt_lens, offsets)):
-        nf, nl = min(first, n // 2), min(last, n // 2)
-        pos = list(range(nf)) + list(range(n - nl, n))
+        pos = shifted_positions(n, first, last)
         idx[b, : len(pos)] = torch.tensor(pos, dtype=torch.long) + off
         valid[b, : len(pos)] = True
     return idx, valid
@@ -86,18 +93,23 @@ class LowRankShift(nn.Module):
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
         return (q * sign.unsqueeze(-2)).transpose(-1, -2)
 
+    def factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(R, W - R, b) of every module, [K, r, d], [K, r, d], [K, r], in `dtype` (default: the compute dtype):
+        what `apply_shift` takes, computed once where the same modules serve many passes (the vLLM plugin)."""
+        dt = dtype or compute_dtype(self.weight.dtype)
+        R = self.rotation().to(dt)
+        return R, self.weight.to(dt) - R, self.bias.to(dt)
+
     def delta(self, h: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
         """h: [B, P, d]. which: [B] module index per row (None: module 0 for all). Returns the shift in the compute
         dtype (float32, or float64 for float64 inputs and parameters)."""
         dt = compute_dtype(h.dtype, self.weight.dtype)
-        R, W, b = self.rotation().to(dt), self.weight.to(dt), self.bias.to(dt)
-        h = h.to(dt)
+        R, WmR, b = self.factors(dt)
         if which is None:
-            R, W, b = R[:1].expand(h.shape[0], -1, -1), W[:1].expand(h.shape[0], -1, -1), b[:1].expand(h.shape[0], -1)
+            R, WmR, b = R[:1].expand(h.shape[0], -1, -1), WmR[:1].expand(h.shape[0], -1, -1), b[:1].expand(h.shape[0], -1)
         else:
-            R, W, b = R[which], W[which], b[which]
-        inner = torch.bmm(h, (W - R).transpose(1, 2)) + b.unsqueeze(1)  # W h + b - R h: [B, P, r]
-        return torch.bmm(inner, R)
+            R, WmR, b = R[which], WmR[which], b[which]
+        return apply_shift(h.to(dt), R, WmR, b)
 
     def slice_state(self, i: int) -> dict[str, torch.Tensor]:
         return {"rotate_raw": self.rotate_raw[i].detach(), "weight": self.weight[i].detach(), "bias": self.bias[i].detach()}
@@ -107,6 +119,13 @@ class LowRankShift(nn.Module):
         self.rotate_raw[i].copy_(state["rotate_raw"])
         self.weight[i].copy_(state["weight"])
         self.bias[i].copy_(state["bias"])
+
+
+def apply_shift(h: torch.Tensor, R: torch.Tensor, WmR: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """R^T (W h + b - R h) for each row: h [B, P, d] with its row's factors R, W - R: [B, r, d] and b: [B, r]
+    (the one place the shift's formula is computed)."""
+    inner = torch.bmm(h, WmR.transpose(1, 2)) + b.unsqueeze(1)  # W h + b - R h: [B, P, r]
+    return torch.bmm(inner, R)
 
 
 @dataclass

@@ -170,6 +170,17 @@ class UserStore:
             raise KeyError(f"user {user_id!r} is not in the store {self.path}")
         return load(row[0])
 
+    def version(self, user_id: str) -> str | None:
+        """The SHA-256 of the user's stored shift, None when it has none: it changes exactly when the shift does, so
+        a cache keyed by it (the vLLM plugin's device slots and prefix-cache keys) never serves a replaced shift."""
+        row = self._db().execute("SELECT sha256 FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def get_versioned(self, user_id: str) -> tuple[dict[str, torch.Tensor], str] | None:
+        """The user's tensors and their version read together (one row), None when the user has no shift."""
+        row = self._db().execute("SELECT tensors, sha256 FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return None if row is None else (load(row[0]), row[1])
+
     def bytes_per_user(self) -> float:
         """Mean size of the stored shifts (safetensors bytes)."""
         return self._db().execute("SELECT COALESCE(AVG(length(tensors)), 0) FROM users").fetchone()[0]

@@ -29,12 +29,14 @@ def launch(run_dir: str, *args: str, lifetime: float = 300, timeout: float = 120
                                  "--max_lifetime_s", str(lifetime), *args], stdout=out, stderr=subprocess.STDOUT)
     proc.log_path = log_path
     url = f"http://127.0.0.1:{port}"
+    vllm = any(a == "vllm" and b == "--engine" for b, a in zip(args, args[1:]))
+    health = "/health" if vllm else "/healthz"  # vLLM's server has its own
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"perfit serve exited with {proc.returncode}: {open(log_path).read()[-3000:]}")
         try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+            if httpx.get(url + health, timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.2)

@@ -1,0 +1,33 @@
+"""PerFit inside vLLM: each request's collective + personal shift, applied during prefill within continuous batching.
+
+Registered as the `vllm.general_plugins` entry point `perfit`, so vLLM loads it in each of its processes; it stays
+inert unless `PERFIT_VLLM_RUN_DIR` names a PerFit run (what `perfit serve --engine vllm --run_dir R` sets):
+
+    PERFIT_VLLM_RUN_DIR=output/movie_tagging/latest vllm serve <the run's model folder> --enforce-eager
+    # a request picks its user with the OpenAI `user` field, or vllm_xargs={"perfit_user": "u0001"}
+
+Users come from the run's user store, read when a request of theirs is first scheduled, so a user personalized or
+forgotten while the server runs gets its new shift (or the collective shift alone) on its next request.
+"""
+from __future__ import annotations
+
+import os
+
+from .bank import USER_KEY, RunInfo, ShiftBank, plan_tokens, user_of
+
+ENV_RUN_DIR = "PERFIT_VLLM_RUN_DIR"
+
+__all__ = ["ENV_RUN_DIR", "USER_KEY", "RunInfo", "ShiftBank", "plan_tokens", "register", "user_of"]
+
+
+def register() -> None:
+    """vLLM's entry point (called in every vLLM process, possibly more than once)."""
+    run_dir = os.environ.get(ENV_RUN_DIR)
+    if not run_dir:
+        return
+    from . import patches
+
+    info = RunInfo.load(run_dir)  # a clear error at start when the folder is not a run
+    patches.patch_requests()
+    patches.patch_block_hashes(info)
+    patches.patch_worker(run_dir)

