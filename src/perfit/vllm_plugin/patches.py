@@ -130,7 +130,7 @@ def patch_worker(run_dir: str) -> None:
                 raise RuntimeError("PerFit vLLM plugin: start vLLM with enforce_eager=True (--enforce-eager); its "
                                    "per-request shifts are Python hooks that torch.compile and CUDA graphs would freeze")
             capacity = max(int(os.environ.get(ENV_MAX_USERS, "1024")), self.scheduler_config.max_num_seqs + 1)
-            bank = ShiftBank(run_dir, self.device, capacity)
+            bank = ShiftBank.from_run(run_dir, self.device, capacity)
             layers = decoder_layers(self.get_model())
             bad = [l for l in bank.layers if not 0 <= l < len(layers)]
             if bad:

@@ -40,9 +40,13 @@ def vllm_command(sc: ServeConfig) -> tuple[list[str], dict[str, str]]:
             "--max-num-seqs", str(sc.max_batch_size), "--seed", str(cfg.seed)]
     import torch
 
-    if not torch.cuda.is_available() and not any(a.startswith("--kv-cache-memory-bytes") for a in extra):
-        argv += ["--kv-cache-memory-bytes", CPU_KV_CACHE]
     env = dict(os.environ, **{ENV_RUN_DIR: os.path.abspath(sc.run_dir), ENV_MAX_USERS: str(sc.max_cached_users)})
+    if not torch.cuda.is_available():
+        if not any(a.startswith("--kv-cache-memory-bytes") for a in extra):
+            argv += ["--kv-cache-memory-bytes", CPU_KV_CACHE]
+        # vLLM on CPUs keeps a core for its scheduler, computing on one core of two; compute on all of them, as the
+        # embedded engine does (set the variable to keep vLLM's reservation)
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     if api_key is not None:
         env["VLLM_API_KEY"] = api_key  # in the environment, not on a command line others can read
     return argv + extra, env
