@@ -245,8 +245,8 @@ def test_vllm_serves_each_user_its_own_shift_with_and_without_prefix_caching(bun
             _assert_same(got, want, eos)
             _assert_same(got[len(users)::len(users) + 1], collective[len(users)::len(users) + 1], eos)
             again = _ask(url, rows_p[::-1], rows_u[::-1])[::-1]  # with caching, each prompt now cached by other users
-            assert [g[0] for g in again] == [g[0] for g in got]
-            outs[caching] = [g[0] for g in got]
+            _assert_same(again, want, eos)
+            outs[caching] = got
             if caching == "on":
                 # xargs name the user too; a forgotten user falls back to the collective shift on its next request
                 # (its cached blocks are not reused), and a retrained one gets its new shift
@@ -268,4 +268,5 @@ def test_vllm_serves_each_user_its_own_shift_with_and_without_prefix_caching(bun
             log = stop(proc)
         served = log.split("[shutdown]")[0]  # vLLM logs an EngineDeadError of its own while it shuts down
         assert "Traceback" not in served, served[-3000:]
-    assert outs["on"] == outs["off"]
+    off = [t[:-1] if t and t[-1] == eos else t for t, _ in outs["off"]]
+    _assert_same(outs["on"], off, eos)  # the same tokens, up to near ties
