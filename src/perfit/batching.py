@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .prompts import Example
-from .shifts import position_index
+from .shifts import group_sizes, position_index
 
 
 @dataclass
@@ -71,7 +71,7 @@ def make_batch(seqs: list[list[int]], prompt_lens: list[int], users: list[int], 
 
 def unshifted_prefix_len(prompt_len: int, last: int) -> int:
     """Prompt tokens before the last-group shifted positions, leaving at least the final prompt token after them."""
-    return prompt_len - max(min(last, prompt_len // 2), 1)
+    return prompt_len - max(group_sizes(prompt_len, 0, last)[1], 1)
 
 
 def shared_prompt_prefix(prompts: list[list[int]], first: int, last: int, min_len: int = 8) -> int:
@@ -87,7 +87,7 @@ def shared_prompt_prefix(prompts: list[list[int]], first: int, last: int, min_le
         while k < n and p[k] == ref[k]:
             k += 1
         n = k
-    nfs = {min(first, len(p) // 2) for p in prompts}
+    nfs = {group_sizes(len(p), first, 0)[0] for p in prompts}
     if len(nfs) > 1:
         return 0
     n = min([n] + [unshifted_prefix_len(len(p), last) for p in prompts])

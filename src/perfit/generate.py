@@ -16,7 +16,7 @@ from .batching import make_batch, shared_prompt_prefix
 from .prefix import cache_kwarg, can_splice, prefix_cache, splice_layout
 from .progress import progress
 from .prompts import clean_prediction
-from .shifts import Shifter, ShiftState, position_index
+from .shifts import Shifter, ShiftState, group_sizes, position_index
 
 
 @lru_cache(maxsize=8)
@@ -47,7 +47,7 @@ def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: 
         with (shifter.active(state) if shifter is not None else contextlib.nullcontext()):
             res = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=True, **keep)
         return res, b.attention_mask, b.position_ids[:, -1:]
-    nf = min(first, len(prompts[0]) // 2)
+    nf = group_sizes(len(prompts[0]), first, 0)[0]
     # the prefix depends on the user only when a personal shift acts inside it
     groups = sorted(set(users)) if shifter is not None and users is not None and nf > 0 else None
     g_of = {u: g for g, u in enumerate(groups or [])}

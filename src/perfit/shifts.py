@@ -19,14 +19,19 @@ from torch import nn
 from .backbone import decoder_layers
 from .config import parse_positions
 
-__all__ = ["parse_positions", "shifted_positions", "position_index", "LowRankShift", "apply_shift", "ShiftState", "Shifter", "SHIFT_INITS"]
+__all__ = ["parse_positions", "group_sizes", "shifted_positions", "position_index", "LowRankShift", "apply_shift", "ShiftState", "Shifter", "SHIFT_INITS"]
+
+
+def group_sizes(n: int, first: int, last: int) -> tuple[int, int]:
+    """How many of a prompt of n tokens' first and last positions are shifted: `first` and `last`, each capped at
+    n // 2 so that the groups never overlap."""
+    return min(first, n // 2), min(last, n // 2)
 
 
 def shifted_positions(n: int, first: int, last: int) -> list[int]:
-    """The prompt positions (0-based, of a prompt of n tokens) that the shifts act on: the first `first` and the last
-    `last`, each group capped at n // 2 so that they never overlap. The one definition that training, generation and
-    the vLLM plugin share."""
-    nf, nl = min(first, n // 2), min(last, n // 2)
+    """The prompt positions (0-based, of a prompt of n tokens) that the shifts act on (`group_sizes`). The one
+    definition that training, generation and the vLLM plugin share."""
+    nf, nl = group_sizes(n, first, last)
     return list(range(nf)) + list(range(n - nl, n))
 
 

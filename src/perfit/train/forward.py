@@ -16,7 +16,7 @@ from ..backbone import decoder_layers
 from ..batching import TokenizedExample, make_batch, shared_prompt_prefix
 from ..prefix import (cache_kwarg, can_splice, new_cache, pad_left, placeholder_layers, prefix_cache, skip_lower_layers,
                       splice_layout)
-from ..shifts import Shifter, ShiftState, position_index
+from ..shifts import Shifter, ShiftState, group_sizes, position_index
 from .caches import FrozenPrefix
 
 
@@ -79,7 +79,7 @@ def _forward_frozen_prefix(model, shifter: Shifter, rows: list[TokenizedExample]
 def _forward_shared_prefix(model, shifter: Shifter, rows: list[TokenizedExample], Lp: int, pad_id: int, first: int,
                            last: int, lower: list[torch.Tensor] | None, low: int):
     device = next(model.parameters()).device
-    nf = min(first, rows[0].prompt_len // 2)  # the same for every row (shared_prompt_prefix checks it)
+    nf = group_sizes(rows[0].prompt_len, first, 0)[0]  # the same for every row (shared_prompt_prefix checks it)
     groups = sorted({r.module for r in rows}) if nf > 0 else None
     cache = prefix_cache(model, rows[0].ids[:Lp], groups, shifter, nf, lower_h=None if lower is None else lower[0][:Lp])
     g_of = {u: g for g, u in enumerate(groups or [])}

@@ -18,7 +18,7 @@ import torch
 from ..config import parse_positions
 from ..errors import RunStateError
 from ..model import CKPT, load_collective, load_run_config, store_path
-from ..shifts import LowRankShift, Shifter, apply_shift, shifted_positions
+from ..shifts import LowRankShift, Shifter, apply_shift, group_sizes, shifted_positions
 from ..store import UserStore
 
 USER_KEY = "perfit_user"  # SamplingParams.extra_args / vllm_xargs key naming a request's user
@@ -58,18 +58,13 @@ class RunInfo:
         whose shift it was and which positions were shifted, so no other user (nor a prompt of another length, whose
         last positions lie elsewhere) reuses it; block hashes chain, so every later block differs too. Blocks before
         the first shifted position carry nothing and are shared by every user."""
-        pos = self.shifted(prompt_len)
-        if not pos:
-            return []
+        nf, nl = group_sizes(prompt_len, self.first, self.last)
+        marks = ([f"first{nf}"] if nf and start == 0 else []) + \
+                ([f"last@{prompt_len - nl}"] if nl and start <= prompt_len - nl < end else [])
+        if not marks:
+            return []  # most blocks: no store lookup (this runs for every block the scheduler hashes)
         who = self.version(user) or "collective"
-        keys = []
-        nf = min(self.first, prompt_len // 2)
-        if nf and start == 0:
-            keys.append(("perfit", f"{who}:first{nf}"))
-        nl = min(self.last, prompt_len // 2)
-        if nl and start <= prompt_len - nl < end:
-            keys.append(("perfit", f"{who}:last@{prompt_len - nl}"))
-        return keys
+        return [("perfit", f"{who}:{m}") for m in marks]
 
 
 def user_of(extra_args: dict | None) -> str | None:
