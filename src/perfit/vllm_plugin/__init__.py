@@ -16,8 +16,9 @@ import os
 from .bank import USER_KEY, RunInfo, ShiftBank, plan_tokens, user_of
 
 ENV_RUN_DIR = "PERFIT_VLLM_RUN_DIR"
+ENV_MAX_USERS = "PERFIT_VLLM_MAX_USERS"  # device slots for users' shifts (perfit serve: --max_cached_users)
 
-__all__ = ["ENV_RUN_DIR", "USER_KEY", "RunInfo", "ShiftBank", "plan_tokens", "register", "user_of"]
+__all__ = ["ENV_MAX_USERS", "ENV_RUN_DIR", "USER_KEY", "RunInfo", "ShiftBank", "plan_tokens", "register", "user_of"]
 
 
 def register() -> None:

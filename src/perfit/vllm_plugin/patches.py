@@ -20,10 +20,10 @@ import os
 
 import torch
 
+from . import ENV_MAX_USERS
 from .bank import ShiftBank, StepPlan, layer_hook, plan_tokens, user_of, RunInfo
 
 log = logging.getLogger("perfit.vllm")
-ENV_MAX_USERS = "PERFIT_VLLM_MAX_USERS"
 
 
 def _wrap(cls, name: str, make):

