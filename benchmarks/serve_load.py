@@ -58,6 +58,12 @@ def fill_store(run: str) -> list[str]:
     return [f"bench-{i:04d}" for i in range(N_USERS)]
 
 
+def run_data(run: str, task: str):
+    """The run's task data (its generated data, made again if gone)."""
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    return load_task_data(pipeline.ensure_data(RunConfig(**cfg)), task)
+
+
 def phase(url: str, requests: list[dict], clients: int, seconds: float) -> dict:
     """Send requests (cycling) from `clients` threads for `seconds`; latencies of the completed ones."""
     lat, errors, lock, nxt = [], 0, threading.Lock(), [0]
@@ -101,8 +107,7 @@ def main():
     args = ap.parse_args()
     run = make_run(args.work_dir, args.task_name)
     users = fill_store(run)
-    cfg = json.load(open(os.path.join(run, "config.json")))
-    td = load_task_data(pipeline.ensure_data(RunConfig(**cfg)), args.task_name)
+    td = run_data(run, args.task_name)
     inputs = [q.input for u in td.test_users for q in u.query]
     rng = random.Random(0)
     requests = [{"user_id": rng.choice(users), "input": rng.choice(inputs)} for _ in range(5000)]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import sys
 import time
@@ -30,11 +29,9 @@ import httpx
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_load import N_USERS, fill_store, make_run  # noqa: E402
+from serve_load import N_USERS, fill_store, make_run, run_data  # noqa: E402
 
-from perfit import PerFitModel, pipeline  # noqa: E402
-from perfit.config import RunConfig  # noqa: E402
-from perfit.data import load_task_data  # noqa: E402
+from perfit import PerFitModel  # noqa: E402
 from perfit.serve.launch import launch, stop  # noqa: E402
 
 
@@ -56,31 +53,15 @@ def send_all(url: str, bodies: list[dict], path: str, clients: int) -> tuple[flo
 
 def plain_vllm(run: str, max_batch_size: int):
     """The very vLLM server that `perfit serve --engine vllm` starts, without the plugin: (process, url)."""
-    import subprocess
-    import tempfile
-
     from perfit.config import ServeConfig
-    from perfit.serve.launch import free_port
+    from perfit.serve.launch import free_port, start
     from perfit.vllm_plugin import ENV_RUN_DIR
     from perfit.vllm_plugin.server import vllm_command
 
     port = free_port()
     argv, env = vllm_command(ServeConfig(run_dir=run, port=port, dtype="float32", engine="vllm", max_batch_size=max_batch_size))
     env.pop(ENV_RUN_DIR)
-    fd, log_path = tempfile.mkstemp(prefix="perfit-vllm-base-", suffix=".log")
-    with os.fdopen(fd, "w") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    proc.log_path = log_path
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited with {proc.returncode}: {open(log_path).read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise RuntimeError(f"vLLM did not answer on {url}; its output: {log_path}")
+    return start(argv, port, health="/health", timeout=600, env=env, what="vLLM")
 
 
 def main():
@@ -92,8 +73,7 @@ def main():
     args = ap.parse_args()
     run = make_run(args.work_dir, args.task_name)
     users = fill_store(run)
-    cfg = json.load(open(os.path.join(run, "config.json")))
-    td = load_task_data(pipeline.ensure_data(RunConfig(**cfg)), args.task_name)
+    td = run_data(run, args.task_name)
     inputs = [q.input for u in td.test_users for q in u.query]
     pm = PerFitModel.from_run(run, device="cpu")
     n_new = pm.task.max_new_tokens

@@ -20,28 +20,34 @@ def free_port() -> int:
 def launch(run_dir: str, *args: str, lifetime: float = 300, timeout: float = 120):
     """Returns (process, base url). `args`: more `perfit serve` flags. The server's output goes to a file (a pipe
     nobody reads would fill and stall it), named by `process.log_path`."""
+    port = free_port()
+    vllm = any(a == "vllm" and b == "--engine" for b, a in zip(args, args[1:]))
+    return start([sys.executable, "-m", "perfit.cli", "serve", "--run_dir", run_dir, "--port", str(port),
+                  "--max_lifetime_s", str(lifetime), *args], port,
+                 health="/health" if vllm else "/healthz", timeout=timeout)  # vLLM's server has its own
+
+
+def start(argv: list[str], port: int, health: str = "/healthz", timeout: float = 120, env: dict | None = None,
+          what: str = "perfit serve"):
+    """Start a server command listening on loopback `port`, its output in a log file; wait until `health` answers."""
     import httpx
 
-    port = free_port()
     fd, log_path = tempfile.mkstemp(prefix="perfit-serve-", suffix=".log")
     with os.fdopen(fd, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "perfit.cli", "serve", "--run_dir", run_dir, "--port", str(port),
-                                 "--max_lifetime_s", str(lifetime), *args], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     proc.log_path = log_path
     url = f"http://127.0.0.1:{port}"
-    vllm = any(a == "vllm" and b == "--engine" for b, a in zip(args, args[1:]))
-    health = "/health" if vllm else "/healthz"  # vLLM's server has its own
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"perfit serve exited with {proc.returncode}: {open(log_path).read()[-3000:]}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {open(log_path).read()[-3000:]}")
         try:
             if httpx.get(url + health, timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"perfit serve did not answer on {url} within {timeout:.0f} s; its output: {log_path}")
+    raise RuntimeError(f"{what} did not answer on {url} within {timeout:.0f} s; its output: {log_path}")
 
 
 def stop(proc, timeout: float = 30) -> str:
