@@ -50,6 +50,16 @@ def test_every_method_runs_and_is_reported(done):
     out = cfg.output_dir
     md = open(os.path.join(out, "comparison.md")).read()
     assert all(f"| {m} |" in md for m in METHODS)
+    # each row against user_majority (classification's reference), query by query
+    for m, r in doc["methods"].items():
+        if m != "user_majority":
+            preds = json.load(open(os.path.join(cfg.output_dir, "methods", f"{m}.json")))["predictions"]
+            assert r["vs_reference"] == {"reference": "user_majority", **metrics.paired_difference(
+                exp.data.task, exp.golds, preds, want)}, m
+            d = r["vs_reference"]
+            assert d["diff"] == pytest.approx(r["metrics"]["accuracy"] - doc["methods"]["user_majority"]["metrics"]["accuracy"], abs=1e-12)
+            assert f"{d['diff']:+.3f} ± {d['se']:.3f}" in md.split(f"| {m} |")[1].split("\n")[0]
+    assert "vs_reference" not in doc["methods"]["user_majority"]
     assert os.path.getsize(os.path.join(out, "comparison.png")) > 10_000
     on_disk = json.load(open(os.path.join(out, "comparison.json")))
     assert on_disk["methods"]["perfit"]["params_per_user"] == doc["methods"]["perfit"]["params_per_user"]

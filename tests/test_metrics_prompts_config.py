@@ -4,10 +4,10 @@ import pytest
 
 from conftest import write_json
 from perfit.cli import build_parser, main
-from perfit.config import CompareConfig, RunConfig
+from perfit.config import CompareConfig, ConfigError, RunConfig
 from perfit.data import DataError
 from perfit.data.schema import Query
-from perfit.metrics import classification_metrics, generation_metrics
+from perfit.metrics import classification_metrics, generation_metrics, paired_difference, per_query_scores
 from perfit.prompts import PromptBuilder, clean_prediction
 from perfit.tasks import get_task
 
@@ -27,6 +27,23 @@ def test_rouge_by_hand():
     m = generation_metrics({"a": "the cat sat", "b": "dogs run fast"}, {"a": "the cat", "b": "cats walk"})
     # a: P=1, R=2/3 -> F=0.8 (both metrics); b: no overlap
     assert m["rouge-1"] == pytest.approx(0.4) and m["rouge-L"] == pytest.approx(0.4)
+
+
+def test_standard_errors_and_paired_difference_by_hand():
+    golds = {"1": "comedy", "2": "comedy", "3": "action", "4": "romance"}
+    a = {"1": "comedy", "2": "action", "3": "action", "4": "Romance"}  # right, wrong, right, wrong
+    b = {"1": "comedy", "2": "comedy", "3": "drama", "4": "drama"}     # right, right, wrong, wrong
+    # scores 1,0,1,0: mean .5, sample variance 1/3, se = sqrt(1/3 / 4)
+    assert classification_metrics(MOVIE, golds, a)["accuracy_se"] == pytest.approx((1 / 3 / 4) ** 0.5, abs=1e-12)
+    assert per_query_scores(MOVIE, golds, a) == {"1": 1.0, "2": 0.0, "3": 1.0, "4": 0.0}
+    # a - b per query: 0, -1, +1, 0 -> mean 0, sample variance 2/3, se = sqrt(2/3 / 4)
+    d = paired_difference(MOVIE, golds, a, b)
+    assert d["n"] == 4 and d["diff"] == pytest.approx(0.0, abs=1e-12) and d["se"] == pytest.approx((2 / 3 / 4) ** 0.5, abs=1e-12)
+    head = get_task("news_headline")
+    g, p = {"a": "the cat sat", "b": "dogs run fast"}, {"a": "the cat", "b": "cats walk"}
+    m = generation_metrics(g, p)  # ROUGE-1 per query 0.8 and 0: se = |0.8 - 0| / 2
+    assert per_query_scores(head, g, p) == pytest.approx({"a": 0.8, "b": 0.0}) and m["rouge-1_se"] == pytest.approx(0.4)
+    assert paired_difference(head, g, p, p) == {"diff": 0.0, "se": 0.0, "n": 2}
 
 
 def test_id_mismatch_names_ids():
@@ -129,7 +146,7 @@ ALTERNATIVE = {
     "user_group_size": 4, "cache_max_bytes": 1, "disk_cache_max_bytes": 1, "disk_cache_dir": "/c", "prompts_file": "p.json",
     "allow_overlap": 1, "overwrite": 1, "num_users": 3, "num_other_users": 3, "history_per_user": 3, "queries_per_user": 3,
     "methods": "rag", "rag_k": 3, "rag_item_words": 5, "lora_rank": 4, "lora_alpha": 8, "lora_targets": "q_proj",
-    "lora_lr": 1e-2, "oppu_lr": 1e-2, "oppu_epochs": 3, "isolate": 0,
+    "lora_lr": 1e-2, "oppu_lr": 1e-2, "oppu_epochs": 3, "isolate": 0, "reference": "zero_shot",
 }
 
 
@@ -218,3 +235,11 @@ def test_config_files_with_flags_on_top(tmp_path, capsys):
     (tmp_path / "broken.json").write_text('{"lr": ')
     assert main(["run", "--config", str(tmp_path / "broken.json")]) == 2
     assert "not valid JSON" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_compare_methods_and_reference_are_checked():
+    assert CompareConfig(methods="perfit, oppu", reference="oppu").method_list() == ["perfit", "oppu"]
+    with pytest.raises(ConfigError, match=r"--methods: unknown methods \['opu'\]"):
+        CompareConfig(methods="perfit,opu").method_list()
+    with pytest.raises(ConfigError, match=r"--reference zero_shot: not among --methods \(perfit, oppu\)"):
+        CompareConfig(methods="perfit,oppu", reference="zero_shot").method_list()

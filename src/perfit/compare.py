@@ -267,7 +267,8 @@ def _method_path(out: str, method: str) -> str:
 def compare(cfg: CompareConfig) -> dict:
     cfg = cfg.resolved()
     methods = cfg.method_list()
-    fps = _fingerprints(cfg)
+    exp = pipeline.prepare(cfg)
+    fps = exp.fingerprints
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
     cfg_path = os.path.join(out, "compare_config.json")
@@ -293,7 +294,7 @@ def compare(cfg: CompareConfig) -> dict:
             rec = _save(cfg, m, run_method(cfg, m), fps)
         log.info("compare: %s done in %.1fs: %s", m, time.perf_counter() - t0, rec["metrics"])
         records[m] = rec
-    return write_report(cfg, records)
+    return write_report(cfg, records, exp)
 
 
 def _save(cfg: CompareConfig, method: str, rec: dict, fps: dict) -> dict:
@@ -307,21 +308,45 @@ def _metric_keys(records: dict) -> list[str]:
     return ["accuracy", "f1"] if "accuracy" in m else ["rouge-1", "rouge-L"]
 
 
-def write_report(cfg: CompareConfig, records: dict) -> dict:
+def _reference(cfg: CompareConfig, task, records: dict) -> str | None:
+    if cfg.reference:
+        return cfg.reference
+    ref = "user_majority" if task.is_classification else "zero_shot"
+    return ref if ref in records and len(records) > 1 else None
+
+
+def write_report(cfg: CompareConfig, records: dict, exp) -> dict:
+    """comparison.{json,md,png}. The primary metric carries its standard error over queries; with a reference
+    method, each row also gets its paired difference from it on the same queries (a difference is real when it
+    exceeds about twice its standard error)."""
     out = cfg.output_dir
+    task = exp.data.task
     keys = _metric_keys(records)
+    ref = _reference(cfg, task, records)
     table = {m: {k: v for k, v in r.items() if k not in ("predictions", "key")} for m, r in records.items()}
+    if ref:
+        for m, r in records.items():
+            if m != ref:
+                table[m]["vs_reference"] = {"reference": ref, **metrics.paired_difference(
+                    task, exp.golds, r["predictions"], records[ref]["predictions"])}
     doc = {"task": cfg.task_name, "data_dir": cfg.data_dir or "(generated)", "model": cfg.model_path or cfg.model_name,
            "methods": table, "config": to_dict(cfg)}
     write_json_atomic(os.path.join(out, "comparison.json"), doc)
     any_rec = next(iter(records.values()))
     device = next((r["device"] for r in records.values() if "no model" not in r["device"]), "cpu")
+    vs = [f"{keys[0]} − {ref}"] if ref else []
     lines = [f"**{cfg.task_name}**: {any_rec['users']} users, {any_rec['queries']} queries, model {doc['model']}, "
-             f"device {device}.", "",
-             f"| method | {' | '.join(keys)} | params / user | params shared | bytes / user | train s shared | train s / user "
-             "| gen s / query | peak MiB |", "|---|" + "---:|" * (len(keys) + 7)]
+             f"device {device}. ± is one standard error over queries" + (f"; `{ref}` is the reference of the paired "
+             "differences." if ref else "."), "",
+             f"| method | {' | '.join([keys[0] + ' ± se'] + keys[1:] + vs)} | params / user | params shared | bytes / user "
+             "| train s shared | train s / user | gen s / query | peak MiB |", "|---|" + "---:|" * (len(keys) + len(vs) + 7)]
     for m, r in records.items():
-        lines.append(f"| {m} | " + " | ".join(f"{r['metrics'][k]:.3f}" for k in keys)
+        mt = r["metrics"]
+        cells = [f"{mt[keys[0]]:.3f} ± {mt.get(keys[0] + '_se', float('nan')):.3f}"] + [f"{mt[k]:.3f}" for k in keys[1:]]
+        if ref:
+            d = table[m].get("vs_reference")
+            cells.append(f"{d['diff']:+.3f} ± {d['se']:.3f}" if d else "(reference)")
+        lines.append(f"| {m} | " + " | ".join(cells)
                      + f" | {r['params_per_user']:,} | {r['params_shared']:,} | {int(r['bytes_per_user']):,} | {r['train_seconds_shared']:.1f}"
                      f" | {r['train_seconds_per_user']:.2f} | {r['generate_seconds_per_query']:.3f} | {r['peak_memory_mib']:.0f} |")
     with open(os.path.join(out, ".comparison.md.tmp"), "w", encoding="utf-8") as f:

@@ -212,12 +212,15 @@ class CompareConfig(RunConfig):
     oppu_lr: float = _f(-1.0, "oppu: per-user AdamW learning rate. -1: preset, else 1e-3.", ("oppu",), min=-1)
     oppu_epochs: int = _f(-1, "oppu: per-user epochs. -1: preset, else max_epoch (PerFit's stage-2 epochs).", ("oppu",), min=-1)
     isolate: int = _f(1, "1: each method in its own process (own peak memory); 0: all in this process.", (), choices=(0, 1))
+    reference: str = _f("", "Method every other row of comparison.md is compared with, query by query (mean paired difference of the primary metric and its standard error). Empty: user_majority for classification, zero_shot for generation, when it is among the methods.", ())
 
     def method_list(self) -> list[str]:
         ms = [m.strip() for m in self.methods.split(",") if m.strip()]
         bad = [m for m in ms if m not in METHODS]
         if bad or not ms:
             raise ConfigError(f"--methods: unknown methods {bad}; choose from {', '.join(METHODS)}")
+        if self.reference and self.reference not in ms:
+            raise ConfigError(f"--reference {self.reference}: not among --methods ({', '.join(ms)})")
         return ms
 
     def record_key(self, method: str, fingerprints: dict[str, str] | None = None) -> str:

@@ -1,6 +1,8 @@
 """LaMP metrics. Predictions and golds share the label-file layout {task, golds: [{id, output}]}."""
 from __future__ import annotations
 
+import math
+
 from .data.schema import DataError, load_golds
 from .tasks import Task, get_task
 
@@ -18,6 +20,15 @@ def _aligned(golds: dict[str, str], preds: dict[str, str]) -> list[str]:
     return sorted(golds)
 
 
+def standard_error(xs: list[float]) -> float:
+    """Standard error of the mean of per-query scores (sample standard deviation / sqrt(n)); 0 below 2 queries."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    m = sum(xs) / n
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+
+
 def classification_metrics(task: Task, golds: dict[str, str], preds: dict[str, str]) -> dict:
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -27,29 +38,54 @@ def classification_metrics(task: Task, golds: dict[str, str], preds: dict[str, s
     p = [index.get(preds[i].strip(), -1) for i in ids]
     return {
         "accuracy": float(accuracy_score(y, p)),
+        "accuracy_se": standard_error([float(a == b) for a, b in zip(y, p)]),
         "f1": float(f1_score(y, p, labels=list(range(len(task.labels))), average="macro", zero_division=0)),
         "n": len(ids),
     }
 
 
-def generation_metrics(golds: dict[str, str], preds: dict[str, str]) -> dict:
+def _rouge(golds: dict[str, str], preds: dict[str, str], ids: list[str]) -> tuple[list[float], list[float]]:
     from rouge_score import rouge_scorer
 
-    ids = _aligned(golds, preds)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
-    r1 = rl = 0.0
-    for i in ids:
-        s = scorer.score(golds[i], preds[i])
-        r1 += s["rouge1"].fmeasure
-        rl += s["rougeL"].fmeasure
+    scores = [scorer.score(golds[i], preds[i]) for i in ids]
+    return [s["rouge1"].fmeasure for s in scores], [s["rougeL"].fmeasure for s in scores]
+
+
+def generation_metrics(golds: dict[str, str], preds: dict[str, str]) -> dict:
+    ids = _aligned(golds, preds)
+    r1, rl = _rouge(golds, preds, ids)
     n = max(len(ids), 1)
-    return {"rouge-1": r1 / n, "rouge-L": rl / n, "n": len(ids)}
+    return {"rouge-1": sum(r1) / n, "rouge-1_se": standard_error(r1), "rouge-L": sum(rl) / n, "n": len(ids)}
 
 
 def evaluate(task: Task, golds: dict[str, str], preds: dict[str, str]) -> dict:
     if task.is_classification:
         return classification_metrics(task, golds, preds)
     return generation_metrics(golds, preds)
+
+
+def primary_metric(task: Task) -> str:
+    """The metric a task is judged by (the paper's first column): accuracy or ROUGE-1."""
+    return "accuracy" if task.is_classification else "rouge-1"
+
+
+def per_query_scores(task: Task, golds: dict[str, str], preds: dict[str, str]) -> dict[str, float]:
+    """Each query's contribution to the primary metric (exact label match, or its ROUGE-1 F-measure): their mean
+    is the metric."""
+    ids = _aligned(golds, preds)
+    if task.is_classification:
+        return {i: float(preds[i].strip() == golds[i]) for i in ids}
+    return dict(zip(ids, _rouge(golds, preds, ids)[0]))
+
+
+def paired_difference(task: Task, golds: dict[str, str], preds: dict[str, str], reference: dict[str, str]) -> dict:
+    """The primary metric of `preds` minus that of `reference`, query by query on the same queries: the mean
+    difference and its standard error (paired, so what both get right or wrong alike cancels)."""
+    a = per_query_scores(task, golds, preds)
+    b = per_query_scores(task, golds, reference)
+    d = [a[i] - b[i] for i in sorted(a)]
+    return {"diff": sum(d) / max(len(d), 1), "se": standard_error(d), "n": len(d)}
 
 
 def evaluate_files(task_name: str, golds_json: str, preds_json: str) -> dict:
