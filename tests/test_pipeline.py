@@ -228,7 +228,7 @@ def test_a_genuine_bug_keeps_its_traceback(monkeypatch):
         main(["run"])
 
 
-def test_overlap_between_test_and_training_data_is_an_error(tiny_model_dir, data, tmp_path, capsys):
+def test_overlap_between_test_and_training_data_is_an_error(tiny_model_dir, data, tmp_path, capfd):
     d = tmp_path / "leaky"
     shutil.copytree(os.path.join(data, "movie_tagging"), d / "movie_tagging")
     test = json.load(open(d / "movie_tagging" / "user_top_100_history.json"))
@@ -243,11 +243,19 @@ def test_overlap_between_test_and_training_data_is_an_error(tiny_model_dir, data
     args = ["run", f"--data_dir={tmp_path / 'leaky'}", f"--output_dir={out}", f"--model_path={tiny_model_dir}",
             "--intervene_layer=1;2", "--max_length=512", "--max_epoch=1"]
     assert main(args) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "test data overlaps the training data" in err and "--allow_overlap 1" in err
     assert f"history item 'leak' of user {others[0]['user_id']!r} has the text of query {leaked['id']!r} of test user 'u0002'" in err
     assert f"user_others.json: user {test[0]['user_id']!r} is also a test user" in err
     assert not os.path.exists(out / "movie_tagging")  # nothing trained or written
+    # compare runs each method in its own process: the same one message from there, and exit 2, no traceback
+    cmp_out = tmp_path / "cmp"
+    assert main(["compare", f"--data_dir={tmp_path / 'leaky'}", f"--output_dir={cmp_out}", f"--model_path={tiny_model_dir}",
+                 "--intervene_layer=1;2", "--max_length=512", "--max_epoch=1", "--methods=user_majority,stage1"]) == 2
+    err = capfd.readouterr().err
+    assert "test data overlaps the training data" in err and "Traceback" not in err
+    assert f"perfit: error: compare: stage1 stopped on the error above; the methods before it are kept in {cmp_out / 'methods'}" in err
+    assert os.listdir(cmp_out / "methods") == ["user_majority.json"]
     assert main(args + ["--allow_overlap=1"]) == 0
 
 

@@ -25,7 +25,8 @@ import torch
 from . import metrics, pipeline
 from .backbone import load_backbone
 from .config import METHODS, CompareConfig, artifact_keys, from_dict, to_dict
-from .data import write_json_atomic
+from .data import DataError, write_json_atomic
+from .errors import PerFitError
 from .generate import greedy_generate
 from .model import PerFitModel
 
@@ -287,7 +288,12 @@ def compare(cfg: CompareConfig) -> dict:
         t0 = time.perf_counter()
         if cfg.isolate:
             # the child reads the saved config, so it runs exactly these settings
-            subprocess.run([sys.executable, "-m", "perfit.compare", "--config", cfg_path, "--method", m], check=True)
+            code = subprocess.run([sys.executable, "-m", "perfit.compare", "--config", cfg_path, "--method", m]).returncode
+            if code == 2:  # the child printed the user-facing error already
+                raise PerFitError(f"compare: {m} stopped on the error above; the methods before it are kept in "
+                                  f"{os.path.join(out, 'methods')}")
+            if code:
+                raise RuntimeError(f"compare: {m} failed in its own process (exit {code}); its traceback is above")
             with open(path, encoding="utf-8") as f:
                 rec = json.load(f)
         else:
@@ -396,7 +402,12 @@ def _child(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[perfit] %(message)s", stream=sys.stderr)
     with open(a.config, encoding="utf-8") as f:
         cfg = from_dict(CompareConfig, json.load(f))
-    _save(cfg, a.method, run_method(cfg, a.method), _fingerprints(cfg))
+    try:
+        _save(cfg, a.method, run_method(cfg, a.method), _fingerprints(cfg))
+    except PerFitError as e:  # the user's to fix: one message, as the CLI prints it, not a traceback
+        head = "invalid data:\n" if isinstance(e, DataError) else "error: "
+        print(f"perfit: {head}{e}", file=sys.stderr)
+        return 2
     return 0
 
 
