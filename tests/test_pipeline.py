@@ -26,7 +26,7 @@ def test_end_to_end_outputs(finished_run):
     assert os.path.realpath(os.path.join(cfg.output_dir, "movie_tagging", "latest")) == os.path.realpath(run)
     assert set(res["variants"]) == {"zero_shot", "stage1", "perfit"}
     for v in res["variants"].values():
-        assert v["queries"] == 6 and set(v["metrics"]) == {"accuracy", "f1", "n"}
+        assert v["queries"] == 6 and set(v["metrics"]) == {"accuracy", "accuracy_se", "f1", "n"}
     per_module = 2 * 64 * 2 + 2
     assert res["variants"]["perfit"]["trainable_parameters"]["per_user"] == 2 * per_module
     assert res["variants"]["stage1"]["trainable_parameters"]["collective"] == 2 * (2 * 64 * 4 + 4) + 2 * per_module
@@ -173,7 +173,7 @@ def test_stage2_rerun_keeps_stored_users(own_run, caplog):
 
 def test_headline_task_end_to_end(tiny_model_dir, data, tmp_path):
     res = pipeline.run(run_cfg(tiny_model_dir, data, str(tmp_path), task_name="news_headline", positions="l3"))
-    assert set(res["variants"]["perfit"]["metrics"]) == {"rouge-1", "rouge-L", "n"}
+    assert set(res["variants"]["perfit"]["metrics"]) == {"rouge-1", "rouge-1_se", "rouge-L", "n"}
     pm = PerFitModel.from_run(res["run_dir"])
     assert pm.first == 0 and pm.last == 3
 
