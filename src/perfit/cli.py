@@ -10,7 +10,7 @@ import os
 import sys
 
 from .config import CompareConfig, RunConfig, ServeConfig
-from .errors import PerFitError
+from .errors import PerFitError, user_message
 from .tasks import TASKS
 
 RUN_COMMANDS = {
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 speaks, but for warnings
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) or rank else logging.INFO,
                         format=f"[perfit{f' rank {rank}' if rank else ''}] %(message)s", stream=sys.stderr)
-    from .data import DataError, load_task_data, summarize
+    from .data import load_task_data, summarize
 
     if args.command in RUN_COMMANDS:
         from . import dist, pipeline  # torch comes in here: the data commands run without it
@@ -271,11 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             from .metrics import evaluate_files
 
             print(json.dumps(evaluate_files(args.task_name, args.golds_json, args.preds_json)))
-    except DataError as e:
-        print(f"perfit: invalid data:\n{e}", file=sys.stderr)
-        return 2
     except PerFitError as e:
-        print(f"perfit: error: {e}", file=sys.stderr)
+        print(user_message(e), file=sys.stderr)
         return 2
     if args.command in RUN_COMMANDS:
         dist.teardown()

@@ -25,8 +25,8 @@ import torch
 from . import metrics, pipeline
 from .backbone import load_backbone
 from .config import METHODS, CompareConfig, artifact_keys, from_dict, to_dict
-from .data import DataError, write_json_atomic
-from .errors import PerFitError
+from .data import write_json_atomic
+from .errors import PerFitError, user_message
 from .generate import greedy_generate
 from .model import PerFitModel
 
@@ -405,8 +405,7 @@ def _child(argv: list[str]) -> int:
     try:
         _save(cfg, a.method, run_method(cfg, a.method), _fingerprints(cfg))
     except PerFitError as e:  # the user's to fix: one message, as the CLI prints it, not a traceback
-        head = "invalid data:\n" if isinstance(e, DataError) else "error: "
-        print(f"perfit: {head}{e}", file=sys.stderr)
+        print(user_message(e), file=sys.stderr)
         return 2
     return 0
 

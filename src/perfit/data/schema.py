@@ -26,6 +26,8 @@ MAX_REPORTED = 30
 class DataError(PerFitError, ValueError):
     """Bad input data. `problems` lists every problem found, each naming file, user, item and field."""
 
+    heading = "invalid data:\n"
+
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         shown = self.problems[:MAX_REPORTED]
