@@ -29,13 +29,17 @@ def standard_error(xs: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
 
 
+def _labels(task: Task, golds: dict[str, str], preds: dict[str, str], ids: list[str]) -> tuple[list[int], list[int]]:
+    """Gold and predicted label indices (-1: not one of the task's labels; a prediction is stripped, case kept)."""
+    index = {label: i for i, label in enumerate(task.labels)}
+    return [index.get(golds[i], -1) for i in ids], [index.get(preds[i].strip(), -1) for i in ids]
+
+
 def classification_metrics(task: Task, golds: dict[str, str], preds: dict[str, str]) -> dict:
     from sklearn.metrics import accuracy_score, f1_score
 
     ids = _aligned(golds, preds)
-    index = {label: i for i, label in enumerate(task.labels)}
-    y = [index.get(golds[i], -1) for i in ids]
-    p = [index.get(preds[i].strip(), -1) for i in ids]
+    y, p = _labels(task, golds, preds, ids)
     return {
         "accuracy": float(accuracy_score(y, p)),
         "accuracy_se": standard_error([float(a == b) for a, b in zip(y, p)]),
@@ -75,7 +79,7 @@ def per_query_scores(task: Task, golds: dict[str, str], preds: dict[str, str]) -
     is the metric."""
     ids = _aligned(golds, preds)
     if task.is_classification:
-        return {i: float(preds[i].strip() == golds[i]) for i in ids}
+        return {i: float(a == b) for i, a, b in zip(ids, *_labels(task, golds, preds, ids))}
     return dict(zip(ids, _rouge(golds, preds, ids)[0]))
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from .config import CompareConfig, ConfigError, _f, read_mapping, to_dict
 from .data import write_json_atomic
+from .metrics import primary_metric
+from .tasks import get_task
 
 log = logging.getLogger("perfit")
 
@@ -103,17 +105,16 @@ def tune(tc: TuneConfig) -> dict:
                                 storage=f"sqlite:///{os.path.join(tc.output_dir, 'tune.db')}", load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # cut short by a kill: counted as failed, not repeated
-    metric = {}
+    name = primary_metric(get_task(tc.task_name))
 
     def objective(trial) -> float:
         params = _suggest(trial, space)
         cfg = dataclasses.replace(base, **params)
         rec = run_method(cfg, tc.method)
         m = rec["metrics"]
-        metric["name"] = "accuracy" if "accuracy" in m else "rouge-1"
         trial.set_user_attr("metrics", m)
-        log.info("tune: trial %d %s -> %s %.4f", trial.number, params, metric["name"], m[metric["name"]])
-        return float(m[metric["name"]])
+        log.info("tune: trial %d %s -> %s %.4f", trial.number, params, name, m[name])
+        return float(m[name])
 
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     if done < tc.trials:
