@@ -47,3 +47,20 @@ def test_a_killed_tune_resumes(tiny_model_dir, data, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     doc = json.load(open(tmp_path / "t" / "tune.json"))
     assert doc["completed"] == 2 and [t["state"] for t in doc["trials"]] == ["FAIL", "COMPLETE", "COMPLETE"]
+
+
+def test_grid_runs_every_combination_once(tiny_model_dir, data, tmp_path):
+    space = tmp_path / "grid.json"
+    space.write_text(json.dumps({"positions": {"type": "categorical", "choices": ["l2", "f1+l1"]},
+                                 "max_epoch": {"type": "int", "low": 1, "high": 1}}))
+    tc = TuneConfig(**(TINY_RUN | dict(data_dir=data, model_path=tiny_model_dir, output_dir=str(tmp_path / "t"),
+                                       method="perfit", trials=5, holdout=1, space=str(space), sampler="grid")))
+    doc = tune(tc)  # 5 asked, the grid has 2: it stops when each has run once
+    assert doc["completed"] == 2
+    assert sorted((t["params"]["positions"], t["params"]["max_epoch"]) for t in doc["trials"]) == [("f1+l1", 1), ("l2", 1)]
+    float_space = tmp_path / "float.json"
+    float_space.write_text(json.dumps({"user_lr": {"type": "float", "low": 1e-3, "high": 5e-2}}))
+    with pytest.raises(ValueError, match="--sampler grid: 'user_lr' is a float range"):
+        tune(TuneConfig(**(TINY_RUN | dict(data_dir=data, model_path=tiny_model_dir, output_dir=str(tmp_path / "u"),
+                                           holdout=1, space=str(float_space), sampler="grid"))))
+    assert not os.path.exists(tmp_path / "u" / "tune.db")  # refused before anything was written

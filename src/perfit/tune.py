@@ -46,7 +46,8 @@ class TuneConfig(CompareConfig):
     method: str = _f("perfit", "The method tuned (a `perfit compare` method with a search space: perfit, perfit_stage2_only, oppu).", ())
     trials: int = _f(20, "Trials in all (a resumed tune runs only the missing ones).", (), min=1)
     space: str = _f("", "JSON or YAML file of the search space ({setting: {type: int|float|categorical, low, high, log, choices}}). Empty: the method's default space.", ())
-    sampler: str = _f("tpe", "Optuna sampler: tpe or random.", (), choices=("tpe", "random"))
+    sampler: str = _f("tpe", "Optuna sampler: tpe, random, or grid (every combination of the space once; its settings must be "
+                              "categorical or int ranges).", (), choices=("tpe", "random", "grid"))
     output_dir: str = _f("tune", "Folder of tune.db, tune.json, tune.png, best_config.json and every trial's checkpoints.", ())
 
 
@@ -87,6 +88,26 @@ def _suggest(trial, space: dict) -> dict:
     return out
 
 
+def grid(space: dict) -> dict:
+    """The space as Optuna's grid: categorical choices as given, int ranges expanded; a float range has no grid."""
+    out = {}
+    for name, s in space.items():
+        if s["type"] == "float":
+            raise ConfigError(f"--sampler grid: {name!r} is a float range; give it as categorical choices")
+        out[name] = list(s["choices"]) if s["type"] == "categorical" else list(range(int(s["low"]), int(s["high"]) + 1))
+    return out
+
+
+def _sampler(tc: TuneConfig, space: dict):
+    import optuna
+
+    if tc.sampler == "grid":
+        return optuna.samplers.GridSampler(grid(space), seed=tc.seed)
+    if tc.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=tc.seed)
+    return optuna.samplers.TPESampler(seed=tc.seed)
+
+
 def tune(tc: TuneConfig) -> dict:
     import optuna
 
@@ -98,8 +119,8 @@ def tune(tc: TuneConfig) -> dict:
     base = dataclasses.replace(_compare_config(tc), output_dir=os.path.join(tc.output_dir, "trials"), isolate=0)
     base.resolved()
     space = search_space(tc)
+    sampler = _sampler(tc, space)  # a space the sampler cannot take is refused before anything is written
     os.makedirs(tc.output_dir, exist_ok=True)
-    sampler = optuna.samplers.TPESampler(seed=tc.seed) if tc.sampler == "tpe" else optuna.samplers.RandomSampler(seed=tc.seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=f"{tc.task_name}-{tc.method}", direction="maximize", sampler=sampler,
                                 storage=f"sqlite:///{os.path.join(tc.output_dir, 'tune.db')}", load_if_exists=True)
@@ -117,7 +138,7 @@ def tune(tc: TuneConfig) -> dict:
         return float(m[name])
 
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    if done < tc.trials:
+    if done < tc.trials:  # a grid stops by itself once every combination has run
         study.optimize(objective, n_trials=tc.trials - done, catch=(ValueError,))
     return write_results(tc, study, space)
 
