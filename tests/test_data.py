@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import shutil
 from collections import Counter
 
 import pytest
@@ -234,3 +235,20 @@ def test_generated_headline_styles_differ(tmp_path):
             if st["opener"]:
                 assert it["title"].startswith(st["opener"])
             assert it["title"].endswith("?") == st["question"]
+
+
+def test_fingerprint_follows_content_not_place_or_time(tmp_path):
+    from perfit.data import data_fingerprint
+
+    a = tmp_path / "a" / "user_others.json"
+    a.parent.mkdir()
+    a.write_text('[{"user_id": "u1"}]')
+    fp = data_fingerprint([str(a)])
+    b = tmp_path / "b" / "user_others.json"  # the same data downloaded again elsewhere, newer mtime
+    b.parent.mkdir()
+    shutil.copyfile(a, b)
+    os.utime(b, ns=(a.stat().st_mtime_ns + 10**9,) * 2)
+    assert data_fingerprint([str(b)]) == fp
+    b.write_text('[{"user_id": "u2"}]')  # same size, other content
+    os.utime(b, ns=(a.stat().st_mtime_ns + 2 * 10**9,) * 2)
+    assert data_fingerprint([str(b)]) != fp
