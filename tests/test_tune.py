@@ -1,5 +1,6 @@
 """perfit tune on the tiny Llama: trials scored on held-out history, stage 1 reused across trials that differ only in
 stage-2 settings, the best settings written as a config, and a tune killed mid-trial resuming where it stopped."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,10 +28,17 @@ def test_two_trials_on_held_out_history(tiny_model_dir, data, tmp_path, caplog):
     assert doc["completed"] == 2 and len(doc["trials"]) == 2
     assert all(t["metrics"]["n"] == 3 for t in doc["trials"])  # 3 users x 1 held-out item: never the 6 test queries
     assert caplog.text.count("stage 1: 12 examples") == 1 and "reusing the checkpoint of" in caplog.text
+    ref = doc["reference"]  # user_majority on the same 3 held-out items; paired, so the mean difference is exact
+    assert ref["method"] == "user_majority" and ref["metrics"]["n"] == 3
+    for t in doc["trials"]:
+        assert t["vs_reference"]["n"] == 3
+        assert t["vs_reference"]["diff"] == pytest.approx(t["value"] - ref["metrics"]["accuracy"], abs=1e-12)
     best = json.load(open(tmp_path / "t" / "best_config.json"))
     assert best["holdout"] == 0 and best["methods"] == "perfit"
     assert {k: best[k] for k in ("user_lr", "max_epoch")} == doc["best"]["params"]
     assert os.path.getsize(tmp_path / "t" / "tune.png") > 5000
+    with pytest.raises(ValueError, match="--reference perfit: give a method other than the one tuned"):
+        tune(dataclasses.replace(tc, reference="perfit"))
     with pytest.raises(ValueError, match="--holdout must be > 0"):
         tune(TuneConfig(**(TINY_RUN | dict(data_dir=data, model_path=tiny_model_dir, output_dir=str(tmp_path / "u")))))
 
@@ -54,9 +62,10 @@ def test_grid_runs_every_combination_once(tiny_model_dir, data, tmp_path):
     space.write_text(json.dumps({"positions": {"type": "categorical", "choices": ["l2", "f1+l1"]},
                                  "max_epoch": {"type": "int", "low": 1, "high": 1}}))
     tc = TuneConfig(**(TINY_RUN | dict(data_dir=data, model_path=tiny_model_dir, output_dir=str(tmp_path / "t"),
-                                       method="perfit", trials=5, holdout=1, space=str(space), sampler="grid")))
+                                       method="perfit", trials=5, holdout=1, space=str(space), sampler="grid",
+                                       reference="none")))
     doc = tune(tc)  # 5 asked, the grid has 2: it stops when each has run once
-    assert doc["completed"] == 2
+    assert doc["completed"] == 2 and doc["reference"] is None
     assert sorted((t["params"]["positions"], t["params"]["max_epoch"]) for t in doc["trials"]) == [("f1+l1", 1), ("l2", 1)]
     float_space = tmp_path / "float.json"
     float_space.write_text(json.dumps({"user_lr": {"type": "float", "low": 1e-3, "high": 5e-2}}))

@@ -277,13 +277,11 @@ def compare(cfg: CompareConfig) -> dict:
     records = {}
     for m in methods:
         path = _method_path(out, m)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                rec = json.load(f)
-            if rec.get("key") == cfg.record_key(m, fps):
-                log.info("compare: %s already done with these settings (%s)", m, path)
-                records[m] = rec
-                continue
+        rec = saved_record(cfg, m, fps)
+        if rec is not None:
+            log.info("compare: %s already done with these settings (%s)", m, path)
+            records[m] = rec
+            continue
         log.info("compare: running %s", m)
         t0 = time.perf_counter()
         if cfg.isolate:
@@ -297,13 +295,24 @@ def compare(cfg: CompareConfig) -> dict:
             with open(path, encoding="utf-8") as f:
                 rec = json.load(f)
         else:
-            rec = _save(cfg, m, run_method(cfg, m), fps)
+            rec = save_record(cfg, m, run_method(cfg, m), fps)
         log.info("compare: %s done in %.1fs: %s", m, time.perf_counter() - t0, rec["metrics"])
         records[m] = rec
     return write_report(cfg, records, exp)
 
 
-def _save(cfg: CompareConfig, method: str, rec: dict, fps: dict) -> dict:
+def saved_record(cfg: CompareConfig, method: str, fps: dict) -> dict | None:
+    """`method`'s record from an earlier run with these settings and data (methods/<method>.json), if any."""
+    path = _method_path(cfg.output_dir, method)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        rec = json.load(f)
+    return rec if rec.get("key") == cfg.record_key(method, fps) else None
+
+
+def save_record(cfg: CompareConfig, method: str, rec: dict, fps: dict) -> dict:
+    """Keep `rec` as methods/<method>.json under the key of these settings and data."""
     rec = {"key": cfg.record_key(method, fps), **rec}
     write_json_atomic(_method_path(cfg.output_dir, method), rec)
     return rec
@@ -403,7 +412,7 @@ def _child(argv: list[str]) -> int:
     with open(a.config, encoding="utf-8") as f:
         cfg = from_dict(CompareConfig, json.load(f))
     try:
-        _save(cfg, a.method, run_method(cfg, a.method), _fingerprints(cfg))
+        save_record(cfg, a.method, run_method(cfg, a.method), _fingerprints(cfg))
     except PerFitError as e:  # the user's to fix: one message, as the CLI prints it, not a traceback
         print(user_message(e), file=sys.stderr)
         return 2

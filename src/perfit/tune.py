@@ -4,8 +4,9 @@ TPE search), every trial scored on each test user's held-out last `--holdout` hi
 Optuna runs the search and keeps it in `<output_dir>/tune.db` (SQLite), so a killed tune resumes where it stopped
 (a trial cut short counts as failed and is not repeated). A trial runs one `perfit compare` method through
 `compare.run_method`; trials that differ only in stage-2 settings reuse the stage-1 checkpoint of an earlier trial.
-Writes `tune.json` (every trial), `tune.png` (the score against each setting) and `best_config.json` (the best
-settings, with holdout off: `perfit compare --config best_config.json` runs them on the test queries)."""
+Writes `tune.json` (every trial, with its paired difference from a reference method run once on the same held-out
+items), `tune.png` (the score against each setting) and `best_config.json` (the best settings, with holdout off:
+`perfit compare --config best_config.json` runs them on the test queries)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +14,9 @@ import logging
 import os
 from dataclasses import dataclass
 
-from .config import CompareConfig, ConfigError, _f, read_mapping, to_dict
+from .config import METHODS, CompareConfig, ConfigError, _f, read_mapping, to_dict
 from .data import write_json_atomic
-from .metrics import primary_metric
+from .metrics import paired_difference, primary_metric
 from .tasks import get_task
 
 log = logging.getLogger("perfit")
@@ -49,6 +50,9 @@ class TuneConfig(CompareConfig):
     sampler: str = _f("tpe", "Optuna sampler: tpe, random, or grid (every combination of the space once; its settings must be "
                               "categorical or int ranges).", (), choices=("tpe", "random", "grid"))
     output_dir: str = _f("tune", "Folder of tune.db, tune.json, tune.png, best_config.json and every trial's checkpoints.", ())
+    reference: str = _f("", "Method run once on the same held-out items, each trial's paired difference from it in tune.json "
+                            "(whether a trial beats it beyond noise). Empty: user_majority for classification, zero_shot "
+                            "for generation; none: no reference.", ())
 
 
 def _compare_config(tc: TuneConfig) -> CompareConfig:
@@ -111,13 +115,16 @@ def _sampler(tc: TuneConfig, space: dict):
 def tune(tc: TuneConfig) -> dict:
     import optuna
 
-    from .compare import run_method
+    from . import pipeline
+    from .compare import run_method, save_record, saved_record
 
     if tc.holdout <= 0:
         raise ConfigError("--holdout must be > 0: trials are scored on each test user's held-out last history items, "
                           "never on the test queries")
-    base = dataclasses.replace(_compare_config(tc), output_dir=os.path.join(tc.output_dir, "trials"), isolate=0)
+    base = dataclasses.replace(_compare_config(tc), output_dir=os.path.join(tc.output_dir, "trials"), isolate=0,
+                               reference="")
     base.resolved()
+    ref = reference_method(tc)
     space = search_space(tc)
     sampler = _sampler(tc, space)  # a space the sampler cannot take is refused before anything is written
     os.makedirs(tc.output_dir, exist_ok=True)
@@ -126,7 +133,14 @@ def tune(tc: TuneConfig) -> dict:
                                 storage=f"sqlite:///{os.path.join(tc.output_dir, 'tune.db')}", load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # cut short by a kill: counted as failed, not repeated
-    name = primary_metric(get_task(tc.task_name))
+    task = get_task(tc.task_name)
+    name = primary_metric(task)
+    exp = pipeline.prepare(base)
+    ref_rec = None
+    if ref:
+        ref_rec = saved_record(base, ref, exp.fingerprints) or \
+            save_record(base, ref, run_method(base, ref), exp.fingerprints)
+        log.info("tune: reference %s on the held-out items: %s %.4f", ref, name, ref_rec["metrics"][name])
 
     def objective(trial) -> float:
         params = _suggest(trial, space)
@@ -134,23 +148,39 @@ def tune(tc: TuneConfig) -> dict:
         rec = run_method(cfg, tc.method)
         m = rec["metrics"]
         trial.set_user_attr("metrics", m)
-        log.info("tune: trial %d %s -> %s %.4f", trial.number, params, name, m[name])
+        msg = ""
+        if ref_rec is not None:
+            d = paired_difference(task, exp.golds, rec["predictions"], ref_rec["predictions"])
+            trial.set_user_attr("vs_reference", d)
+            msg = f" ({d['diff']:+.4f} ± {d['se']:.4f} against {ref}, paired)"
+        log.info("tune: trial %d %s -> %s %.4f%s", trial.number, params, name, m[name], msg)
         return float(m[name])
 
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     if done < tc.trials:  # a grid stops by itself once every combination has run
         study.optimize(objective, n_trials=tc.trials - done, catch=(ValueError,))
-    return write_results(tc, study, space)
+    return write_results(tc, study, space, {"method": ref, "metrics": ref_rec["metrics"]} if ref_rec else None)
 
 
-def write_results(tc: TuneConfig, study, space: dict) -> dict:
+def reference_method(tc: TuneConfig) -> str | None:
+    if tc.reference == "none":
+        return None
+    ref = tc.reference or ("user_majority" if get_task(tc.task_name).is_classification else "zero_shot")
+    if ref not in METHODS or ref == tc.method:
+        raise ConfigError(f"--reference {tc.reference}: give a method other than the one tuned ({', '.join(METHODS)}), "
+                          f"or none")
+    return ref
+
+
+def write_results(tc: TuneConfig, study, space: dict, reference: dict | None = None) -> dict:
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     trials = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
-               "metrics": t.user_attrs.get("metrics")} for t in study.get_trials(deepcopy=False)]
+               "metrics": t.user_attrs.get("metrics"), "vs_reference": t.user_attrs.get("vs_reference")}
+              for t in study.get_trials(deepcopy=False)]
     doc = {"task": tc.task_name, "method": tc.method, "holdout": tc.holdout, "space": space, "trials": trials,
-           "completed": len(complete)}
+           "completed": len(complete), "reference": reference}
     if complete:
         best = study.best_trial
         doc["best"] = {"number": best.number, "value": best.value, "params": best.params}
@@ -159,11 +189,13 @@ def write_results(tc: TuneConfig, study, space: dict) -> dict:
         write_json_atomic(os.path.join(tc.output_dir, "best_config.json"), cfg)
     write_json_atomic(os.path.join(tc.output_dir, "tune.json"), doc)
     if complete:
-        _plot(complete, space, os.path.join(tc.output_dir, "tune.png"), f"{tc.task_name}, {tc.method}: held-out score")
+        ref_line = (reference["method"], reference["metrics"][primary_metric(get_task(tc.task_name))]) if reference else None
+        _plot(complete, space, os.path.join(tc.output_dir, "tune.png"), f"{tc.task_name}, {tc.method}: held-out score",
+              ref_line)
     return doc
 
 
-def _plot(trials, space: dict, path: str, title: str) -> None:
+def _plot(trials, space: dict, path: str, title: str, ref_line: tuple[str, float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,6 +216,9 @@ def _plot(trials, space: dict, path: str, title: str) -> None:
             ax.scatter(xs, ys, s=18)
             if space[name].get("log"):
                 ax.set_xscale("log")
+        if ref_line:
+            ax.axhline(ref_line[1], color="grey", ls="--", lw=1, label=ref_line[0])
+            ax.legend(fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
