@@ -228,7 +228,7 @@ def test_a_genuine_bug_keeps_its_traceback(monkeypatch):
         main(["run"])
 
 
-def test_overlap_between_test_and_training_data_is_an_error(tiny_model_dir, data, tmp_path, capfd):
+def test_overlap_between_test_and_training_data_is_an_error(tiny_model_dir, data, tmp_path, capfd, caplog):
     d = tmp_path / "leaky"
     shutil.copytree(os.path.join(data, "movie_tagging"), d / "movie_tagging")
     test = json.load(open(d / "movie_tagging" / "user_top_100_history.json"))
@@ -244,7 +244,7 @@ def test_overlap_between_test_and_training_data_is_an_error(tiny_model_dir, data
             "--intervene_layer=1;2", "--max_length=512", "--max_epoch=1"]
     assert main(args) == 2
     err = capfd.readouterr().err
-    assert "test data overlaps the training data" in err and "--allow_overlap 1" in err
+    assert "test data overlaps the training data" in err and "--allow_overlap 2 to train without the items named" in err
     assert f"history item 'leak' of user {others[0]['user_id']!r} has the text of query {leaked['id']!r} of test user 'u0002'" in err
     assert f"user_others.json: user {test[0]['user_id']!r} is also a test user" in err
     assert not os.path.exists(out / "movie_tagging")  # nothing trained or written
@@ -256,7 +256,38 @@ def test_overlap_between_test_and_training_data_is_an_error(tiny_model_dir, data
     assert "test data overlaps the training data" in err and "Traceback" not in err
     assert f"perfit: error: compare: stage1 stopped on the error above; the methods before it are kept in {cmp_out / 'methods'}" in err
     assert os.listdir(cmp_out / "methods") == ["user_majority.json"]
+    caplog.set_level("INFO", logger="perfit")
+    caplog.clear()
     assert main(args + ["--allow_overlap=1"]) == 0
+    n_all = sum(len(u["profile"]) + sum(1 for q in u["query"] if q.get("gold")) for u in others)
+    assert f"stage 1: {n_all} examples" in caplog.text and "kept, as --allow_overlap 1 asks" in caplog.text
+    # 2 trains without what the check names: the leaked item and the other user that is a test user
+    caplog.clear()
+    assert main(args + ["--allow_overlap=2", f"--output_dir={tmp_path / 'dropped'}"]) == 0
+    assert "these are left out of training (--allow_overlap 2)" in caplog.text
+    u1 = others[1]
+    n_kept = n_all - 1 - len(u1["profile"]) - sum(1 for q in u1["query"] if q.get("gold"))
+    assert f"stage 1: {n_kept} examples" in caplog.text
+
+
+def test_drop_mode_leaves_a_test_users_own_overlapping_item_out(data, tmp_path):
+    from perfit.config import RunConfig
+
+    d = tmp_path / "own"
+    shutil.copytree(os.path.join(data, "movie_tagging"), d / "movie_tagging")
+    test = json.load(open(d / "movie_tagging" / "user_top_100_history.json"))
+    q = test[1]["query"][0]
+    test[1]["profile"].append({"id": "own-leak", "description": q["input"].split("description: ")[1].rsplit(" tag:", 1)[0],
+                               "tag": "comedy"})
+    json.dump(test, open(d / "movie_tagging" / "user_top_100_history.json", "w"))
+    cfg = RunConfig(data_dir=str(d), output_dir=str(tmp_path / "o"))
+    kept = pipeline.prepare(dataclasses.replace(cfg, allow_overlap=1))
+    dropped = pipeline.prepare(dataclasses.replace(cfg, allow_overlap=2))
+    ids = lambda exp: [[it["id"] for it in u.profile] for u in exp.data.test_users]  # noqa: E731
+    assert "own-leak" in ids(kept)[1] and ids(dropped)[1] == [i for i in ids(kept)[1] if i != "own-leak"]
+    assert ids(dropped)[0] == ids(kept)[0] and ids(dropped)[2] == ids(kept)[2]
+    # what stage 1 trains on now depends on the test queries: its key says so
+    assert dropped.fingerprints["stage1_data"] != kept.fingerprints["stage1_data"]
 
 
 def test_holdout_split_never_uses_test_queries(tiny_model_dir, data, tmp_path):

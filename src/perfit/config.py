@@ -95,7 +95,8 @@ class RunConfig:
     disk_cache_max_bytes: int = _f(32 * 1024**3, "Bound on the memory-mapped disk cache of frozen states (0: none); beyond it they are recomputed each epoch.", (), min=0)
     disk_cache_dir: str = _f("", "Folder of the memory-mapped state cache (its file is unlinked at once). Empty: <run dir>/cache.", ())
     prompts_file: str = _f("", "JSON file of prompt templates replacing the packaged configs/prompts.json (its content counts, not its path).", DATA)
-    allow_overlap: int = _f(0, "1: allow test users, their query ids or query texts to reappear in the training data (an error otherwise).", (), choices=(0, 1))
+    allow_overlap: int = _f(0, "Test users, their query ids or query texts found in the training data: 0 an error; 1 kept, warned; "
+                               "2 left out of training (the items, queries or users named), warned.", (), choices=(0, 1, 2))
     overwrite: int = _f(0, "1: a run dir whose stage-1 checkpoint or user store was made with other settings or data is retrained and replaced (an error otherwise).", (), choices=(0, 1))
     num_users: int = _f(20, "Generated data only: test users.", DATA, min=1)
     num_other_users: int = _f(12, "Generated data only: stage-1 (other) users.", DATA, min=0)

@@ -98,6 +98,16 @@ def prepare(cfg: RunConfig, run_dir: str | None = None) -> Experiment:
         td = holdout_split(td, builder, cfg.holdout)
     tpl = hashlib.sha256(json.dumps(builder.tpl, sort_keys=True).encode()).hexdigest()[:16]
     fps = {"stage1_data": data_fingerprint([td.others_path]) + tpl, "test_data": tpl}
+    if cfg.allow_overlap == 2:  # stage 1 then trains on user_others.json less what matches these test queries
+        check = _overlap_check(td, builder, cfg)
+        td.test_users = check.tests(td.test_users)
+        if check.count:
+            log.warning("%s", "\n".join(check.message(2)))
+        empty = [u.user_id for u in td.test_users if not u.profile]
+        if empty:
+            raise DataError([f"{_test_path(td, cfg)}: test user {u!r} has no history item left once those that "
+                             f"overlap its queries are left out (--allow_overlap 2)" for u in empty[:10]])
+        fps["stage1_data"] += check.identity()
     run_dir = run_dir or os.path.join(cfg.output_dir, cfg.task_name, cfg.run_dir_name or cfg.default_run_dir())
     return Experiment(cfg, td, builder, run_dir, fps)
 
@@ -113,21 +123,29 @@ def _even_cap(per_user: list[list[Example]], n: int) -> list[Example]:
     return out
 
 
+def _test_path(td: TaskData, cfg: RunConfig) -> str:
+    return os.path.join(td.data_dir, cfg.task_name, "user_top_100_history.json")
+
+
+def _overlap_check(td: TaskData, builder: PromptBuilder, cfg: RunConfig) -> OverlapCheck:
+    return OverlapCheck(td.test_users, builder, td.others_path, _test_path(td, cfg))
+
+
 def scan_training_data(exp: Experiment, collect: bool) -> list[Example]:
     """One streaming pass over user_others.json: validated, checked to share no user, query id or query text with
     the test users (whose own histories are checked too), and, when `collect`, turned into stage-1 examples."""
-    check = OverlapCheck(exp.data.test_users, exp.builder, exp.data.others_path,
-                         os.path.join(exp.data.data_dir, exp.cfg.task_name, "user_top_100_history.json"))
+    mode = exp.cfg.allow_overlap
+    check = _overlap_check(exp.data, exp.builder, exp.cfg)
     per_user = []
     for u in exp.data.iter_others():
-        check.other(u)
-        if collect:
-            per_user.append(exp.builder.user_examples(u, include_gold_queries=True))
-    check.tests(exp.data.test_users)
-    if check.count and not exp.cfg.allow_overlap:
+        kept = check.other(u)
+        if collect and (kept if mode == 2 else u):
+            per_user.append(exp.builder.user_examples(kept if mode == 2 else u, include_gold_queries=True))
+    check.tests(exp.data.test_users)  # under mode 2 prepare() left out their overlapping items already
+    if check.count and not mode:
         raise DataError(check.message())
     if check.count:
-        log.warning("%s", "\n".join(check.message()))
+        log.warning("%s", "\n".join(check.message(mode)))
     examples = _even_cap(per_user, exp.cfg.max_stage1_examples)
     if collect and not examples:
         raise DataError([f"{exp.data.others_path}: no stage-1 examples (no history items nor queries with gold)"])
