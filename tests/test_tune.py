@@ -55,6 +55,8 @@ def test_a_killed_tune_resumes(tiny_model_dir, data, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     doc = json.load(open(tmp_path / "t" / "tune.json"))
     assert doc["completed"] == 2 and [t["state"] for t in doc["trials"]] == ["FAIL", "COMPLETE", "COMPLETE"]
+    # the resumed sampler is seeded past the trials already drawn: no trial repeats the killed one's settings
+    assert len({t["params"]["user_lr"] for t in doc["trials"]}) == 3
 
 
 def test_grid_runs_every_combination_once(tiny_model_dir, data, tmp_path):

@@ -102,14 +102,16 @@ def grid(space: dict) -> dict:
     return out
 
 
-def _sampler(tc: TuneConfig, space: dict):
+def _sampler(tc: TuneConfig, space: dict, trials_before: int = 0):
+    """A resumed study gets a seed offset by its trials so far: with the same seed a sampler draws the same
+    sequence again, so a resumed random or TPE search would repeat its first trials (a grid skips visited points)."""
     import optuna
 
     if tc.sampler == "grid":
         return optuna.samplers.GridSampler(grid(space), seed=tc.seed)
     if tc.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=tc.seed)
-    return optuna.samplers.TPESampler(seed=tc.seed)
+        return optuna.samplers.RandomSampler(seed=tc.seed + trials_before)
+    return optuna.samplers.TPESampler(seed=tc.seed + trials_before)
 
 
 def tune(tc: TuneConfig) -> dict:
@@ -133,6 +135,8 @@ def tune(tc: TuneConfig) -> dict:
                                 storage=f"sqlite:///{os.path.join(tc.output_dir, 'tune.db')}", load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # cut short by a kill: counted as failed, not repeated
+    if study.get_trials(deepcopy=False):
+        study.sampler = _sampler(tc, space, len(study.get_trials(deepcopy=False)))
     task = get_task(tc.task_name)
     name = primary_metric(task)
     exp = pipeline.prepare(base)
