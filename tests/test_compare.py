@@ -181,3 +181,24 @@ def test_task_lora_is_reused_when_only_shift_settings_change(done, caplog):
     with caplog.at_level(logging.INFO, logger="perfit"):
         cmp.compare(dataclasses.replace(cfg, lora_lr=5e-3, methods="task_lora"))
     assert "task LoRA:" in caplog.text
+
+
+def test_a_run_dir_compare_made_reloads_as_a_run(done):
+    """The run dir keeps the run's fields only, so `from_run` (predict, serve, analyze) loads it and answers as
+    compare's perfit row did; a run dir an older compare wrote, with compare's own fields too, still loads."""
+    from perfit import pipeline
+    from perfit.config import RunConfig
+    from perfit.model import CONFIG_FILE, PerFitModel, load_run_config
+
+    cfg, _ = done
+    exp = pipeline.prepare(cfg)
+    saved = json.load(open(os.path.join(exp.run_dir, CONFIG_FILE)))
+    assert set(saved) == {f.name for f in dataclasses.fields(RunConfig)}
+    pm = PerFitModel.from_run(exp.run_dir)
+    qids, owners, inputs = exp.queries
+    want = json.load(open(os.path.join(cfg.output_dir, "methods", "perfit.json")))["predictions"]
+    assert dict(zip(qids, pm.generate(owners, inputs))) == want
+    older = os.path.join(cfg.output_dir, "older")
+    os.makedirs(older)
+    json.dump(saved | {"methods": "perfit", "oppu_lr": 0.01, "reference": ""}, open(os.path.join(older, CONFIG_FILE), "w"))
+    assert load_run_config(older) == load_run_config(exp.run_dir)

@@ -306,6 +306,13 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def run_fields(cfg) -> dict:
+    """The `RunConfig` fields of a config (a compare or tune config carries its own besides): what a run dir keeps,
+    so that it reloads as a run whichever command made it."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return {k: v for k, v in to_dict(cfg).items() if k in names}
+
+
 def from_dict(cls, d: dict, where: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from .backbone import Backbone, check_layers, load_backbone
 from .batching import tokenize_examples, tokenize_prompt
-from .config import RunConfig, artifact_keys, from_dict, parse_positions, to_dict
+from .config import CompareConfig, RunConfig, artifact_keys, from_dict, parse_positions, run_fields
 from .data import DataError, validate_items, write_json_atomic
 from .errors import RunStateError
 from . import dist
@@ -66,7 +66,10 @@ def load_run_config(run_dir: str) -> RunConfig:
     if not os.path.isfile(path):
         raise RunStateError(f"{path}: not a PerFit run dir (no {CONFIG_FILE}); make one with `perfit run` or `perfit stage1`")
     with open(path, encoding="utf-8") as f:
-        return from_dict(RunConfig, json.load(f), where=path)
+        d = json.load(f)
+    # run dirs `perfit compare` made before it saved only the run's fields: its own fields do not change a run
+    compare_only = {f.name for f in dataclasses.fields(CompareConfig)} - {f.name for f in dataclasses.fields(RunConfig)}
+    return from_dict(RunConfig, {k: v for k, v in d.items() if k not in compare_only}, where=path)
 
 
 def _to_bytes(obj):
@@ -178,7 +181,7 @@ class PerFitModel:
 
     def save_config(self) -> None:
         """The run's config and templates, so the run dir reloads with `from_run`."""
-        write_json_atomic(os.path.join(self.run_dir, CONFIG_FILE), to_dict(self.cfg))
+        write_json_atomic(os.path.join(self.run_dir, CONFIG_FILE), run_fields(self.cfg))
         write_json_atomic(os.path.join(self.run_dir, PROMPTS_FILE), {self.task.name: self.builder.tpl})
 
     # ------------------------------------------------------------------ stage 1
@@ -195,7 +198,7 @@ class PerFitModel:
             return True
         if not overwrite:
             raise RunStateError(f"{ckpt}: the stage-1 checkpoint was made with other settings or data "
-                                f"({_config_diff(meta.get('run_config', {}), to_dict(self.cfg))}); "
+                                f"({_config_diff(meta.get('run_config', {}), run_fields(self.cfg))}); "
                                 f"use another --run_dir_name, or --overwrite 1 to retrain it and its users")
         return False
 
@@ -240,7 +243,7 @@ class PerFitModel:
                                  data_parallel=dist.enabled(), **self._train_kw())
         log.info("%s: %d examples, %d steps, loss by epoch %s, %.1fs", desc, len(ex), stats.steps,
                  [round(x, 4) for x in stats.epoch_losses], stats.seconds)
-        meta = {"stage1_key": key, "fingerprints": self.fingerprints, "run_config": to_dict(c),
+        meta = {"stage1_key": key, "fingerprints": self.fingerprints, "run_config": run_fields(c),
                 "shift": {"hidden_size": self.info.hidden_size, "layers": c.layers, "low_rank_dimension": c.low_rank_dimension,
                           "user_low_rank_dimension": c.user_low_rank_dimension, "positions": c.positions},
                 "model": dataclasses.asdict(self.info),
@@ -504,5 +507,5 @@ def forget_user(run_dir: str, user_id: str) -> bool:
 
 
 def _config_diff(a: dict, b: dict) -> str:
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ("output_dir", "run_dir_name"))
+    keys = sorted(k for k in set(a) & set(b) if a.get(k) != b.get(k) and k not in ("output_dir", "run_dir_name"))
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:5]) or "same settings, other data"
