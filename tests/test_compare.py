@@ -183,14 +183,15 @@ def test_task_lora_is_reused_when_only_shift_settings_change(done, caplog):
     assert "task LoRA:" in caplog.text
 
 
-def test_a_run_dir_compare_made_reloads_as_a_run(done):
+def test_a_run_dir_compare_made_reloads_as_a_run(tiny_model_dir, data, tmp_path):
     """The run dir keeps the run's fields only, so `from_run` (predict, serve, analyze) loads it and answers as
     compare's perfit row did; a run dir an older compare wrote, with compare's own fields too, still loads."""
     from perfit import pipeline
     from perfit.config import RunConfig
     from perfit.model import CONFIG_FILE, PerFitModel, load_run_config
 
-    cfg, _ = done
+    cfg = _cfg(tiny_model_dir, data, str(tmp_path / "c"), methods="perfit")  # its own folder: other tests rerun `done`'s
+    cmp.compare(cfg)
     exp = pipeline.prepare(cfg)
     saved = json.load(open(os.path.join(exp.run_dir, CONFIG_FILE)))
     assert set(saved) == {f.name for f in dataclasses.fields(RunConfig)}
