@@ -323,10 +323,16 @@ def _metric_keys(records: dict) -> list[str]:
     return ["accuracy", "f1"] if "accuracy" in m else ["rouge-1", "rouge-L"]
 
 
+def default_reference(task) -> str:
+    """The method others are measured against when none is named: the no-model label prior for classification, the
+    frozen model for headlines."""
+    return "user_majority" if task.is_classification else "zero_shot"
+
+
 def _reference(cfg: CompareConfig, task, records: dict) -> str | None:
     if cfg.reference:
         return cfg.reference
-    ref = "user_majority" if task.is_classification else "zero_shot"
+    ref = default_reference(task)
     return ref if ref in records and len(records) > 1 else None
 
 

@@ -139,8 +139,9 @@ def scan_training_data(exp: Experiment, collect: bool) -> list[Example]:
     per_user = []
     for u in exp.data.iter_others():
         kept = check.other(u)
-        if collect and (kept if mode == 2 else u):
-            per_user.append(exp.builder.user_examples(kept if mode == 2 else u, include_gold_queries=True))
+        trains = kept if mode == 2 else u  # None: under mode 2, an other user that is a test user
+        if collect and trains:
+            per_user.append(exp.builder.user_examples(trains, include_gold_queries=True))
     check.tests(exp.data.test_users)  # under mode 2 prepare() left out their overlapping items already
     if check.count and not mode:
         raise DataError(check.message())

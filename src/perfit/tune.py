@@ -135,8 +135,9 @@ def tune(tc: TuneConfig) -> dict:
                                 storage=f"sqlite:///{os.path.join(tc.output_dir, 'tune.db')}", load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # cut short by a kill: counted as failed, not repeated
-    if study.get_trials(deepcopy=False):
-        study.sampler = _sampler(tc, space, len(study.get_trials(deepcopy=False)))
+    stored = len(study.get_trials(deepcopy=False))
+    if stored:
+        study.sampler = _sampler(tc, space, stored)
     task = get_task(tc.task_name)
     name = primary_metric(task)
     exp = pipeline.prepare(base)
@@ -169,7 +170,9 @@ def tune(tc: TuneConfig) -> dict:
 def reference_method(tc: TuneConfig) -> str | None:
     if tc.reference == "none":
         return None
-    ref = tc.reference or ("user_majority" if get_task(tc.task_name).is_classification else "zero_shot")
+    from .compare import default_reference
+
+    ref = tc.reference or default_reference(get_task(tc.task_name))
     if ref not in METHODS or ref == tc.method:
         raise ConfigError(f"--reference {tc.reference}: give a method other than the one tuned ({', '.join(METHODS)}), "
                           f"or none")
