@@ -270,7 +270,7 @@ def test_overlap_between_test_and_training_data_is_an_error(tiny_model_dir, data
     assert f"stage 1: {n_kept} examples" in caplog.text
 
 
-def test_drop_mode_leaves_a_test_users_own_overlapping_item_out(data, tmp_path):
+def test_drop_mode_leaves_a_test_users_own_overlapping_item_out(data, tmp_path, caplog):
     from perfit.config import RunConfig
 
     d = tmp_path / "own"
@@ -282,7 +282,10 @@ def test_drop_mode_leaves_a_test_users_own_overlapping_item_out(data, tmp_path):
     json.dump(test, open(d / "movie_tagging" / "user_top_100_history.json", "w"))
     cfg = RunConfig(data_dir=str(d), output_dir=str(tmp_path / "o"))
     kept = pipeline.prepare(dataclasses.replace(cfg, allow_overlap=1))
+    caplog.set_level("INFO", logger="perfit")
     dropped = pipeline.prepare(dataclasses.replace(cfg, allow_overlap=2))
+    pipeline.prepare(dataclasses.replace(cfg, allow_overlap=2))  # tune and compare prepare more than once
+    assert caplog.text.count("own-leak") == 1
     ids = lambda exp: [[it["id"] for it in u.profile] for u in exp.data.test_users]  # noqa: E731
     assert "own-leak" in ids(kept)[1] and ids(dropped)[1] == [i for i in ids(kept)[1] if i != "own-leak"]
     assert ids(dropped)[0] == ids(kept)[0] and ids(dropped)[2] == ids(kept)[2]

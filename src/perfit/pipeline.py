@@ -24,6 +24,14 @@ from .model import CKPT, USERS, VARIANTS, PerFitModel, load_collective_from, loa
 from .prompts import Example, PromptBuilder
 
 log = logging.getLogger("perfit")
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    """tune and compare prepare the same experiment several times in one process: say each overlap once."""
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning("%s", msg)
 DATA_TYPE = "user_top_100_history"
 
 
@@ -102,7 +110,7 @@ def prepare(cfg: RunConfig, run_dir: str | None = None) -> Experiment:
         check = _overlap_check(td, builder, cfg)
         td.test_users = check.tests(td.test_users)
         if check.count:
-            log.warning("%s", "\n".join(check.message(2)))
+            _warn_once("\n".join(check.message(2)))
         empty = [u.user_id for u in td.test_users if not u.profile]
         if empty:
             raise DataError([f"{_test_path(td, cfg)}: test user {u!r} has no history item left once those that "
@@ -146,7 +154,7 @@ def scan_training_data(exp: Experiment, collect: bool) -> list[Example]:
     if check.count and not mode:
         raise DataError(check.message())
     if check.count:
-        log.warning("%s", "\n".join(check.message(mode)))
+        _warn_once("\n".join(check.message(mode)))
     examples = _even_cap(per_user, exp.cfg.max_stage1_examples)
     if collect and not examples:
         raise DataError([f"{exp.data.others_path}: no stage-1 examples (no history items nor queries with gold)"])
