@@ -32,6 +32,8 @@ def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
         log.warning("%s", msg)
+
+
 DATA_TYPE = "user_top_100_history"
 
 
