@@ -17,14 +17,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(run_dir: str, *args: str, lifetime: float = 300, timeout: float = 120):
+def launch(run_dir: str, *args: str, lifetime: float = 300, timeout: float = 120, env: dict | None = None):
     """Returns (process, base url). `args`: more `perfit serve` flags. The server's output goes to a file (a pipe
     nobody reads would fill and stall it), named by `process.log_path`."""
     port = free_port()
     vllm = any(a == "vllm" and b == "--engine" for b, a in zip(args, args[1:]))
     return start([sys.executable, "-m", "perfit.cli", "serve", "--run_dir", run_dir, "--port", str(port),
                   "--max_lifetime_s", str(lifetime), *args], port,
-                 health="/health" if vllm else "/healthz", timeout=timeout)  # vLLM's server has its own
+                 health="/health" if vllm else "/healthz", timeout=timeout, env=env)  # vLLM's server has its own
 
 
 def start(argv: list[str], port: int, health: str = "/healthz", timeout: float = 120, env: dict | None = None,
