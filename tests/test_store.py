@@ -4,9 +4,11 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from safetensors.torch import save
 
 from perfit.data import write_json_atomic
 from perfit.errors import RunStateError
@@ -50,7 +52,8 @@ def test_delete_removes_the_row_and_its_record(tmp_path):
     sh = Shifter(16, [0], 2, 2, num_users=2)
     store = UserStore(str(tmp_path / "s.sqlite"), {"key": "k"})
     store.put_many(_tensors(sh, ["a", "b"]), {"a": {"examples": 3}})
-    assert store.entry("a")["examples"] == 3 and store.entry("a")["stored_at"] > 0
+    t0 = time.time()
+    assert store.entry("a")["examples"] == 3 and t0 - 60 < store.entry("a")["stored_at"] <= t0
     assert store.delete("a") is True and store.delete("a") is False
     assert "a" not in UserStore(str(tmp_path / "s.sqlite")) and set(store.entries()) == {"b"}
     with sqlite3.connect(tmp_path / "s.sqlite") as db:  # nothing of the user is left in the file's tables
@@ -133,7 +136,9 @@ def test_store_commands_and_converting_an_old_run(finished_run, tmp_path, capsys
     shutil.copytree(res["run_dir"], run)
     assert main(["store", "ls", "--run_dir", run]) == 0
     listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["user_id"] for r in listed] == ["u0000", "u0001", "u0002"] and all(r["bytes"] > 0 for r in listed)
+    assert [r["user_id"] for r in listed] == ["u0000", "u0001", "u0002"]
+    store = UserStore(os.path.join(run, "users.sqlite"))
+    assert [r["bytes"] for r in listed] == [len(save(store.get(u))) for u in store.users()]
     assert main(["store", "show", "--run_dir", run, "--user_id", "u0001"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["items"] == 4 and shown["tensors"]["layer.1.weight"] == [2, 64]
@@ -164,3 +169,78 @@ def test_a_failed_import_leaves_no_store(tmp_path):
     with pytest.raises(Exception):
         UserStore.import_folder(str(tmp_path / "out"), str(tmp_path / "b.sqlite"))
     assert not [f for f in os.listdir(tmp_path) if f.startswith("b.sqlite")]  # nothing half-built left behind
+
+
+def test_versions_are_never_reused_and_a_replaced_shift_stays_loadable_for_a_while(tmp_path, monkeypatch):
+    """Each write of a shift gets a new version id, even for the same tensors; a replaced version stays readable
+    (for requests admitted before the retrain) until RETIRED_KEEP_S has passed; an erasure removes every version."""
+    import perfit.store as st
+
+    path = str(tmp_path / "s.sqlite")
+    sh = Shifter(16, [0], 2, 2, num_users=2, seed=0)
+    store = UserStore(path, {"key": "k"})
+    store.put_many(_tensors(sh, ["a", "b"]))
+    v1 = store.version("a")
+    first = store.get("a")
+    store.put_many({"a": first})  # the very same tensors again
+    v2 = store.version("a")
+    assert v1 != v2 and v1.split(".")[0] == v2.split(".")[0]  # same content hash, another write
+    assert store.versions(["a", "b", "nobody"]) == {"a": v2, "b": store.version("b")}
+    assert all(torch.equal(store.get_version("a", v1)[k], first[k]) for k in first)  # retired, still loadable
+    assert store.get_version("a", "no-such-version") is None and store.get_version("b", v1) is None
+    monkeypatch.setattr(st, "RETIRED_KEEP_S", 0.0)
+    store.put_many({"b": store.get("b")})  # the next write drops what was retired longer ago
+    assert store.get_version("a", v1) is None and store.get_version("a", v2) is not None
+    store.put_many({"a": first})
+    assert store.delete("a") is True
+    with sqlite3.connect(path) as db:  # nothing of the user is left in any table
+        for table in ("users", "retired", "jobs"):
+            assert db.execute(f"SELECT COUNT(*) FROM {table} WHERE user_id = 'a'").fetchone()[0] == 0, table
+
+
+def test_jobs_are_stored_only_while_current_and_leave_with_their_commit(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    sh = Shifter(16, [0], 2, 2, num_users=3, seed=0)
+    store = UserStore(path, {"key": "k"})
+    items = [{"id": "1", "x": "y"}]
+    ja, jb, jc = store.enqueue("a", items), store.enqueue("b", items), store.enqueue("c", items)
+    assert UserStore(path).pending_jobs() == [("a", ja), ("b", jb), ("c", jc)]  # committed: another connection sees them
+    assert store.take_jobs({"a": ja, "b": jb, "c": jc}) == {"a": items, "b": items, "c": items}
+    assert store.job("a")["status"] == "training" and store.job("a")["items"] == 1
+    jb2 = store.enqueue("b", items * 2)  # b posted again while training: its first job is stale
+    store.delete("c")  # c erased while training
+    stored = store.put_many(_tensors(sh, ["a", "b", "c"]), jobs={"a": ja, "b": jb, "c": jc})
+    assert stored == ["a"] and store.users() == ["a"] and store.job("a") is None
+    assert store.pending_jobs() == [("b", jb2)] and store.job("b")["items"] == 2 and store.job("c") is None
+    assert store.take_jobs({"b": jb}) == {}  # a stale job id takes nothing
+
+
+def test_failed_jobs_keep_their_error_not_their_items_and_are_bounded(tmp_path, monkeypatch):
+    import perfit.store as st
+
+    monkeypatch.setattr(st, "FAILED_JOBS_KEPT", 2)
+    path = str(tmp_path / "s.sqlite")
+    store = UserStore(path, {"key": "k"})
+    for u in ("a", "b", "c"):
+        store.fail_jobs({u: store.enqueue(u, [{"id": "1", "secret": "text"}])}, f"boom {u}")
+    assert store.job("a") is None and store.job("c")["error"] == "boom c" and store.job("c")["status"] == "failed"
+    assert store.pending_jobs() == []
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM jobs WHERE items IS NOT NULL").fetchone()[0] == 0
+    assert store.delete("c") is False  # a failed job is not "something stored" about a user, and goes anyway
+    assert store.job("c") is None
+
+
+def test_a_store_made_before_versions_opens_and_reads_its_hash_as_version(tmp_path):
+    path = str(tmp_path / "old.sqlite")
+    with sqlite3.connect(path) as db:  # the schema of stores written before versions, jobs and retired shifts
+        db.executescript("""CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+            CREATE TABLE users (user_id TEXT PRIMARY KEY, tensors BLOB NOT NULL, sha256 TEXT NOT NULL,
+                                info TEXT NOT NULL, stored_at REAL NOT NULL);""")
+        db.execute("INSERT INTO meta VALUES ('config', ?)", (json.dumps({"key": "k"}),))
+        blob = save({"w": torch.ones(3)})
+        db.execute("INSERT INTO users VALUES ('a', ?, 'abc123', '{}', 1.0)", (blob,))
+    store = UserStore(path)
+    assert store.version("a") == "abc123" and torch.equal(store.get_version("a", "abc123")["w"], torch.ones(3))
+    store.put_many({"a": {"w": torch.zeros(3)}})
+    assert store.version("a") != "abc123" and torch.equal(store.get_version("a", "abc123")["w"], torch.ones(3))

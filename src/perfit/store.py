@@ -1,8 +1,16 @@
 """The per-user shift store: one SQLite file (standard library, WAL mode), each user a row holding its shift as a
-safetensors blob, the blob's SHA-256 and the user's record (what it was trained on, when, its loss).
+safetensors blob, the blob's SHA-256, the shift's version and the user's record (what it was trained on, when, its
+loss). The same file queues the personalization jobs a server accepted, so that nothing that got a 202 is lost.
 
 - A write is a transaction: a group of users is either wholly stored or absent, and a user id is data (a primary
   key), never a path.
+- Every write of a user's shift gets a new version id (its SHA-256 and a random suffix: never reused, even when the
+  same history trains the same tensors again), which is what servers key their caches by. A replaced shift is kept
+  under its version for RETIRED_KEEP_S, so a request admitted just before a retrain is answered with the shift it was
+  admitted with; an erasure removes those too.
+- Jobs: a user's accepted history waits in `jobs` (one row a user: a newer post replaces it) until its shift is
+  stored, in the same transaction that removes the job; a job whose row was replaced or erased in the meantime is not
+  stored. Failed jobs keep their error, not their items, and only the latest FAILED_JOBS_KEPT of them.
 - Many readers and one writer at a time (WAL); a writer that finds the file busy waits (`busy_timeout`) instead of
   failing; every commit is synced (`synchronous=FULL`).
 - 2 KiB pages: a shift of tens of KB spans overflow pages almost without slack (bytes on disk stay within ~3 % of the
@@ -16,9 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
+import uuid
 
 import torch
 from safetensors.torch import load, load_file, save
@@ -29,6 +39,8 @@ from .faults import fault_point
 
 BUSY_TIMEOUT_S = 60.0
 MMAP_BYTES = 1 << 36
+RETIRED_KEEP_S = 600.0  # how long a replaced shift stays loadable by its version (requests admitted before a retrain)
+FAILED_JOBS_KEPT = 10_000
 LEGACY_INDEX, LEGACY_CONFIG = "index.json", "store_config.json"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -37,9 +49,29 @@ CREATE TABLE IF NOT EXISTS users (
     tensors BLOB NOT NULL,      -- the shift, as safetensors bytes
     sha256 TEXT NOT NULL,       -- of `tensors`
     info TEXT NOT NULL,         -- JSON: history_digest, items, examples, epoch_losses, final_loss, train_seconds, ...
-    stored_at REAL NOT NULL
+    stored_at REAL NOT NULL,
+    version TEXT                -- this write's version id (NULL in stores made before versions: the sha256 then)
+);
+CREATE TABLE IF NOT EXISTS retired (
+    version TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    tensors BLOB NOT NULL,
+    retired_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS retired_user ON retired (user_id);
+CREATE TABLE IF NOT EXISTS jobs (
+    user_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    items TEXT,                 -- JSON history items (NULL once failed)
+    n_items INTEGER NOT NULL,
+    state TEXT NOT NULL,        -- queued, training or failed
+    accepted_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT
 );
 """
+VERSION = "COALESCE(version, sha256)"
 
 
 def user_file(user_id: str) -> str:
@@ -115,6 +147,12 @@ class UserStore:
             db.execute("PRAGMA synchronous = FULL")
             db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")  # reads map the file instead of a system call a page
             db.executescript(_SCHEMA)
+            if "version" not in {r[1] for r in db.execute("PRAGMA table_info(users)")}:
+                try:  # a store made before versions
+                    db.execute("ALTER TABLE users ADD COLUMN version TEXT")
+                except sqlite3.OperationalError as e:  # another connection added it first
+                    if "duplicate column" not in str(e):
+                        raise
             self._local.db = db
         return db
 
@@ -171,15 +209,34 @@ class UserStore:
         return load(row[0])
 
     def version(self, user_id: str) -> str | None:
-        """The SHA-256 of the user's stored shift, None when it has none: it changes exactly when the shift does, so
-        a cache keyed by it (the vLLM plugin's device slots and prefix-cache keys) never serves a replaced shift."""
-        row = self._db().execute("SELECT sha256 FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        """The version id of the user's stored shift, None when it has none. It changes at every write of the shift
+        and is never reused, so a cache keyed by it (a server's shifts, the vLLM plugin's device slots and prefix-cache
+        keys) never serves a replaced or erased shift under a current key."""
+        row = self._db().execute(f"SELECT {VERSION} FROM users WHERE user_id = ?", (user_id,)).fetchone()
         return None if row is None else row[0]
+
+    def versions(self, user_ids) -> dict[str, str]:
+        """{user: version} of those of `user_ids` that have a stored shift, read in one statement."""
+        ids = list(dict.fromkeys(user_ids))
+        out: dict[str, str] = {}
+        for k in range(0, len(ids), 500):  # SQLite's bound on parameters
+            part = ids[k: k + 500]
+            out.update(self._db().execute(f"SELECT user_id, {VERSION} FROM users WHERE user_id IN "
+                                          f"({','.join('?' * len(part))})", part).fetchall())
+        return out
 
     def get_versioned(self, user_id: str) -> tuple[dict[str, torch.Tensor], str] | None:
         """The user's tensors and their version read together (one row), None when the user has no shift."""
-        row = self._db().execute("SELECT tensors, sha256 FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        row = self._db().execute(f"SELECT tensors, {VERSION} FROM users WHERE user_id = ?", (user_id,)).fetchone()
         return None if row is None else (load(row[0]), row[1])
+
+    def get_version(self, user_id: str, version: str) -> dict[str, torch.Tensor] | None:
+        """The user's shift of exactly this version: the stored one, or one replaced less than RETIRED_KEEP_S ago;
+        None when that version is gone (the user was erased, or retrained longer ago)."""
+        db = self._db()
+        row = db.execute(f"SELECT tensors FROM users WHERE user_id = ? AND {VERSION} = ?", (user_id, version)).fetchone() \
+            or db.execute("SELECT tensors FROM retired WHERE user_id = ? AND version = ?", (user_id, version)).fetchone()
+        return None if row is None else load(row[0])
 
     def bytes_per_user(self) -> float:
         """Mean size of the stored shifts (safetensors bytes)."""
@@ -187,23 +244,94 @@ class UserStore:
 
     # ---------------------------------------------------------------- writing
 
-    def put_many(self, tensors_of: dict[str, dict[str, torch.Tensor]], info: dict[str, dict] | None = None) -> None:
+    def put_many(self, tensors_of: dict[str, dict[str, torch.Tensor]], info: dict[str, dict] | None = None,
+                 jobs: dict[str, str] | None = None) -> list[str]:
         """Store {user_id: tensors} in one transaction: all of them, or (after a crash) none. A stored user is
-        replaced by its new row in the same step."""
+        replaced by its new row in the same step (its previous shift is kept RETIRED_KEEP_S under its version).
+        `jobs` ({user_id: job id}): users trained for a queued job are stored only if that job is still the user's
+        (not replaced by a newer post, nor erased), and the job is removed with the same commit. Returns the users
+        stored."""
         now = round(time.time(), 3)
         rows = []
         for uid, tensors in tensors_of.items():
             blob = _blob(tensors)  # the row holds the id; the blob only the tensors
-            rows.append((uid, blob, hashlib.sha256(blob).hexdigest(), json.dumps((info or {}).get(uid, {})), now))
+            sha = hashlib.sha256(blob).hexdigest()
+            rows.append((uid, blob, sha, json.dumps((info or {}).get(uid, {})), now, f"{sha[:32]}.{secrets.token_hex(6)}"))
+        stored = []
         with self._write() as c:
+            c.execute("DELETE FROM retired WHERE retired_at < ?", (now - RETIRED_KEEP_S,))
             for k, row in enumerate(rows):
-                c.execute("INSERT OR REPLACE INTO users VALUES (?, ?, ?, ?, ?)", row)
+                uid = row[0]
+                if jobs is not None and uid in jobs:
+                    if c.execute("DELETE FROM jobs WHERE user_id = ? AND job_id = ? AND state != 'failed'",
+                                 (uid, jobs[uid])).rowcount == 0:
+                        continue  # replaced by a newer post, or erased, while it trained
+                c.execute(f"INSERT OR REPLACE INTO retired SELECT {VERSION}, user_id, tensors, ? FROM users "
+                          "WHERE user_id = ?", (now, uid))
+                c.execute("INSERT OR REPLACE INTO users VALUES (?, ?, ?, ?, ?, ?)", row)
+                stored.append(uid)
                 if k == 0:
                     fault_point("store.mid_write")
+        return stored
 
     def delete(self, user_id: str) -> bool:
+        """Everything stored about the user, in one transaction: its shift, its replaced shifts and its queued or
+        failed job. Returns whether there was anything."""
         with self._write() as c:
-            return c.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount > 0
+            n = c.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount
+            c.execute("DELETE FROM retired WHERE user_id = ?", (user_id,))
+            n += c.execute("DELETE FROM jobs WHERE user_id = ? AND state != 'failed'", (user_id,)).rowcount
+            c.execute("DELETE FROM jobs WHERE user_id = ?", (user_id,))
+            return n > 0
+
+    # ---------------------------------------------------------------- the jobs a server accepted
+
+    def enqueue(self, user_id: str, items: list[dict]) -> str:
+        """Queue a personalization of the user on these history items (replacing a job of the user still waiting),
+        committed before this returns. Returns the job's id."""
+        job = uuid.uuid4().hex
+        with self._write() as c:
+            c.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, 'queued', ?, NULL, NULL, NULL)",
+                      (user_id, job, json.dumps(items), len(items), round(time.time(), 3)))
+        return job
+
+    def pending_jobs(self) -> list[tuple[str, str]]:
+        """(user, job id) of every job queued or interrupted in training, oldest first."""
+        return self._db().execute("SELECT user_id, job_id FROM jobs WHERE state != 'failed' "
+                                  "ORDER BY accepted_at, rowid").fetchall()
+
+    def take_jobs(self, jobs: dict[str, str]) -> dict[str, list[dict]]:
+        """The history items of those of `jobs` ({user: job id}) that are still current, marked as training."""
+        out = {}
+        with self._write() as c:
+            for uid, job in jobs.items():
+                row = c.execute("SELECT items FROM jobs WHERE user_id = ? AND job_id = ? AND state != 'failed'",
+                                (uid, job)).fetchone()
+                if row is not None:
+                    c.execute("UPDATE jobs SET state = 'training', started_at = ? WHERE user_id = ?", (time.time(), uid))
+                    out[uid] = json.loads(row[0])
+        return out
+
+    def fail_jobs(self, jobs: dict[str, str], error: str) -> None:
+        """Mark these jobs failed with `error` (their items are dropped); only the latest FAILED_JOBS_KEPT are kept."""
+        with self._write() as c:
+            for uid, job in jobs.items():
+                c.execute("UPDATE jobs SET state = 'failed', items = NULL, error = ?, finished_at = ? "
+                          "WHERE user_id = ? AND job_id = ?", (error[:2000], time.time(), uid, job))
+            c.execute("DELETE FROM jobs WHERE state = 'failed' AND rowid NOT IN (SELECT rowid FROM jobs WHERE "
+                      "state = 'failed' ORDER BY finished_at DESC LIMIT ?)", (FAILED_JOBS_KEPT,))
+
+    def job(self, user_id: str) -> dict | None:
+        """The user's job, if any: state (queued, training, failed), items, accepted_at, started_at, error."""
+        row = self._db().execute("SELECT job_id, state, n_items, accepted_at, started_at, finished_at, error FROM jobs "
+                                 "WHERE user_id = ?", (user_id,)).fetchone()
+        if row is None:
+            return None
+        keys = ("job_id", "status", "items", "queued_at", "started_at", "failed_at", "error")
+        return {k: v for k, v in zip(keys, row) if v is not None}
+
+    def queued_jobs(self) -> int:
+        return self._db().execute("SELECT COUNT(*) FROM jobs WHERE state != 'failed'").fetchone()[0]
 
     # ---------------------------------------------------------------- operators
 
