@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         _add_config_flags(p)
         if name == "predict":
-            p.add_argument("--run_dir", default="", help="A run dir made by `perfit run`: its config gives every setting "
-                                                         "(flags given here override them).")
+            p.add_argument("--run_dir", default="", help="A run dir made by `perfit run`: its config gives every setting; "
+                                                         "of the flags given here only --dtype, --cuda_device, "
+                                                         "--eval_batch_size, --max_users and --data_dir apply (others "
+                                                         "that differ from the run's are refused).")
     help = "run PerFit and its peers (OPPU, task LoRA, RAG, ...) on the same users; writes comparison.{json,md,png}"
     _add_config_flags(sub.add_parser("compare", help=help, description=help), CompareConfig)
     help = "answer one user's input with a finished run (settings from the run's config)"
@@ -196,10 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             print(out) if not rank else None
         elif args.command == "predict":
             if args.run_dir:
-                from .model import load_run_config
+                from .config import load_config_file
 
-                cfg = dataclasses.replace(load_run_config(args.run_dir), **_given(args, RunConfig))
-                res = pipeline.predict_only(cfg, run_dir=args.run_dir)
+                given = (load_config_file(args.config, RunConfig) if args.config else {}) | _given(args, RunConfig)
+                res = pipeline.predict_only(run_dir=args.run_dir, overrides=given)
             else:
                 res = pipeline.predict_only(_config(args))
             print(pipeline.summary_table(res))
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 from .vllm_plugin.server import serve_vllm
 
                 return serve_vllm(sc)
-            serve(sc)
+            return serve(sc)
         elif args.command == "tune":
             from .tune import TuneConfig, tune
 

@@ -229,6 +229,23 @@ class CompareConfig(RunConfig):
         return _hash({a: keys[a] for a in RECORD_INPUTS[method] + ("predictions",)})
 
 
+# what `perfit predict --run_dir` (PerFitModel.from_run's overrides) can change on a finished run: how its model is
+# loaded and run, and which test users and data it predicts for (users are checked to be trained on that history)
+RUN_OVERRIDES = ("dtype", "cuda_device", "eval_batch_size", "max_users", "data_dir")
+
+
+def check_run_overrides(cfg, given: dict, where: str) -> dict:
+    """The fields of `given` that differ from the finished run's `cfg`, refused (ConfigError naming the first flags)
+    unless they are among RUN_OVERRIDES: any other setting would change what the run trained or stored."""
+    changed = {k: v for k, v in given.items() if getattr(cfg, k) != v}
+    bad = [k for k in changed if k not in RUN_OVERRIDES]
+    if bad:
+        raise ConfigError(f"{', '.join('--' + k for k in bad[:4])}: cannot be applied to the finished run {where} "
+                          f"(it would change what the run trained); with --run_dir only "
+                          f"{', '.join('--' + k for k in RUN_OVERRIDES)} apply. Start a new run for other settings")
+    return changed
+
+
 def affects(cls=CompareConfig) -> dict[str, tuple[str, ...]]:
     """{field: artifacts it affects directly}."""
     return {f.name: f.metadata["affects"] for f in dataclasses.fields(cls)}
@@ -339,6 +356,10 @@ class ServeConfig:
     max_tokens: int = _f(256, "Largest max_tokens / max_new_tokens a request may ask for.", (), min=1)
     max_prompt_tokens: int = _f(4096, "Longest prompt accepted, in tokens (also bounded by the run's max_length).", (), min=1)
     max_history_items: int = _f(1000, "Most history items one personalization request may carry.", (), min=1)
+    max_queued_requests: int = _f(256, "Generation requests that may wait for a batch (8 batches of 32); beyond, 429 with Retry-After.", (), min=1)
+    max_queued_users: int = _f(1024, "Users whose history may wait to be trained; beyond, 429 with Retry-After (a waiting user may post again).", (), min=1)
+    request_timeout_s: float = _f(600.0, "A generation request not answered within this many seconds gets 504 (and is dropped if not yet in a batch); 0: no limit.", (), min=0)
+    max_consecutive_failures: int = _f(3, "Generation batches failing in a row after which the worker is deemed unable to go on: /healthz says 503 and the server exits with code 3.", (), min=1)
     max_lifetime_s: float = _f(0.0, "Stop (gracefully) after this many seconds; 0: run until stopped. For tests and benchmarks.", (), min=0)
     engine: str = _f("embedded", "embedded: PerFit's own server (one process, online personalization endpoints); vllm: vLLM's "
                      "OpenAI-compatible server with the PerFit plugin (continuous batching, paged KV cache; needs "

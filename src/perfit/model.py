@@ -16,8 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from safetensors.torch import load_file
 
 from .backbone import Backbone, check_layers, load_backbone
 from .batching import tokenize_examples, tokenize_prompt
-from .config import CompareConfig, RunConfig, artifact_keys, from_dict, parse_positions, run_fields
+from .config import CompareConfig, RunConfig, artifact_keys, check_run_overrides, from_dict, parse_positions, run_fields
 from .data import DataError, validate_items, write_json_atomic
 from .errors import RunStateError
 from . import dist
@@ -108,14 +106,29 @@ def _load_partial(path: str, key: str) -> TrainState | None:
     return TrainState(int(meta["step"]), tensors, json.loads(meta["stats"]))
 
 
+CKPT_TENSORS, CKPT_CONFIG = "shifts.safetensors", "config.json"
+
+
+def has_checkpoint(ckpt_dir: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, CKPT_TENSORS))
+
+
 def load_collective(ckpt_dir: str) -> tuple[Shifter, dict]:
-    """A stage-1 checkpoint on its own (its config.json says everything needed): the collective shift and P0."""
-    path = os.path.join(ckpt_dir, "config.json")
+    """A stage-1 checkpoint on its own: the collective shift and P0. The tensors file carries its config in its own
+    metadata, so the one file that is replaced atomically says everything (config.json beside it is a readable copy;
+    checkpoints written before carry it only there)."""
+    from safetensors import safe_open
+
+    path = os.path.join(ckpt_dir, CKPT_TENSORS)
     if not os.path.isfile(path):
         raise RunStateError(f"{ckpt_dir}: no stage-1 checkpoint; run `perfit stage1` (or `perfit run`) first")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    return load_collective_from(meta, load_file(os.path.join(ckpt_dir, "shifts.safetensors")))
+    with safe_open(path, "pt") as f:
+        own = (f.metadata() or {}).get("meta")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if own is None:
+        with open(os.path.join(ckpt_dir, CKPT_CONFIG), encoding="utf-8") as f:
+            own = f.read()
+    return load_collective_from(json.loads(own), tensors)
 
 
 def load_collective_from(meta: dict, tensors: dict) -> tuple[Shifter, dict]:
@@ -141,16 +154,22 @@ class PerFitModel:
         self.collective: Shifter | None = None  # collective modules + P0 (one personal module)
         self.stage1_meta: dict = {}
         self._store: UserStore | None = None
-        self._cached: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # user -> tensors on the device (LRU)
+        # user -> (version, tensors on the device), least recently used first; a version read from the store decides
+        # whether the cached tensors are still the user's
+        self._cached: OrderedDict[str, tuple[str, dict[str, torch.Tensor]]] = OrderedDict()
         self.max_cached_users = max_cached_users
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_run(cls, run_dir: str, device: str | None = None, dtype: str | None = None, **kw) -> "PerFitModel":
+    def from_run(cls, run_dir: str, device: str | None = None, dtype: str | None = None,
+                 overrides: dict | None = None, **kw) -> "PerFitModel":
         """Load a finished run: the backbone named in its config, its collective shift and its user store. `device`
-        ("cpu", "cuda:0"; None: the run's GPU if CUDA is present, else the CPU) and `dtype` override the run's."""
+        ("cpu", "cuda:0"; None: the run's GPU if CUDA is present, else the CPU) and `dtype` override the run's;
+        `overrides` sets RunConfig fields that can change on a finished run (`config.check_run_overrides`)."""
         cfg = load_run_config(run_dir)
+        if overrides:
+            cfg = dataclasses.replace(cfg, **check_run_overrides(cfg, overrides, run_dir))
         if dtype:
             cfg = dataclasses.replace(cfg, dtype=dtype)
         backbone = load_backbone(cfg.model_path, cfg.dtype, cfg.cuda_device, cfg.model_name, device=device)
@@ -190,7 +209,7 @@ class PerFitModel:
         """Load this run's stage-1 checkpoint if it was made with the current settings and data. A checkpoint made
         otherwise is an error (it would orphan the users trained on it) unless `overwrite`."""
         ckpt = os.path.join(self.run_dir, CKPT)
-        if not os.path.isfile(os.path.join(ckpt, "config.json")):
+        if not has_checkpoint(ckpt):
             return False
         sh, meta = load_collective(ckpt)
         if meta.get("stage1_key") == self.keys()["stage1"]:
@@ -256,18 +275,14 @@ class PerFitModel:
         return stats
 
     def _write_checkpoint(self, sh: Shifter, meta: dict) -> None:
+        """One file replaced in one rename (tensors with their config in its metadata): at every moment the checkpoint
+        is the old one or the new one, never none and never a mix."""
         ckpt = os.path.join(self.run_dir, CKPT)
-        parent = os.path.dirname(ckpt)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".ckpt-")
-        try:
-            save_safetensors_atomic(os.path.join(tmp, "shifts.safetensors"), sh.state_dict(), {"stage1_key": meta["stage1_key"]})
-            write_json_atomic(os.path.join(tmp, "config.json"), meta)
-            if os.path.isdir(ckpt):
-                shutil.rmtree(ckpt)
-            os.replace(tmp, ckpt)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(ckpt, exist_ok=True)
+        save_safetensors_atomic(os.path.join(ckpt, CKPT_TENSORS), sh.state_dict(),
+                                {"stage1_key": meta["stage1_key"], "meta": json.dumps(meta)})
+        fault_point("stage1.ckpt_swap")
+        write_json_atomic(os.path.join(ckpt, CKPT_CONFIG), meta)
 
     def _train_kw(self) -> dict:
         c = self.cfg
@@ -307,6 +322,11 @@ class PerFitModel:
     def has_user(self, user_id: str) -> bool:
         return user_id in self.store
 
+    @property
+    def cached_users(self) -> int:
+        """Users whose shifts are held on the device."""
+        return len(self._cached)
+
     def personal_examples(self, user_id: str, items: list[dict]) -> list[Example]:
         """What a user's personal shift trains on: its latest max_history history items as prompts."""
         c = self.cfg
@@ -320,11 +340,14 @@ class PerFitModel:
 
     # ------------------------------------------------------------------ stage 2
 
-    def personalize(self, histories: dict[str, list[dict]], desc: str = "stage 2") -> dict[str, dict]:
+    def personalize(self, histories: dict[str, list[dict]], desc: str = "stage 2",
+                    jobs: dict[str, str] | None = None) -> dict[str, dict]:
         """Train the personal shifts of these users on their history items (the task's item format), user_group_size
         users at a time in one batched loop, each group stored (in one transaction) as soon as it is done; a retrained
-        user keeps its old shift until the new one is stored. Returns {user_id: report}. Under torchrun the groups are
-        dealt to the ranks in turn and rank 0 stores them, in order."""
+        user keeps its old shift until the new one is stored. Returns {user_id: report} of the users stored. Under
+        torchrun the groups are dealt to the ranks in turn and rank 0 stores them, in order. `jobs` ({user: job id}
+        of the store's queue, what a server trains): a user is stored only if its job is still current (see
+        `UserStore.put_many`), the job removed in the same commit."""
         self._require_collective()
         problems = []
         for uid, items in histories.items():
@@ -347,11 +370,11 @@ class PerFitModel:
                 if got is None:
                     continue
                 tensors_of, info = got
-                self.store.put_many(tensors_of, info)
+                stored = self.store.put_many(tensors_of, info, jobs)
                 fault_point("stage2.group_stored")
                 for u in info:
                     self._cached.pop(u, None)
-                reports.update(info)
+                reports.update({u: info[u] for u in stored})
         return reports
 
     def _train_group(self, group: list[str], histories: dict[str, list[dict]], desc: str):
@@ -392,14 +415,32 @@ class PerFitModel:
 
     # ------------------------------------------------------------------ generation
 
-    def _user_tensors(self, user_id: str) -> dict[str, torch.Tensor]:
-        t = self._cached.pop(user_id, None)
-        if t is None:
-            t = {k: v.to(self.device) for k, v in self.store.get(user_id).items()}
-        self._cached[user_id] = t
+    def resolve_users(self, user_ids: list[str]) -> dict[str, tuple[str, dict[str, torch.Tensor]] | None]:
+        """Each user's shift as stored now: (version, tensors on the device), or None (no stored shift: the stage-1
+        shifts). One read of the store per call, whose result the caller carries through its whole batch, so that a
+        user retrained or erased meanwhile (by this process or another) never mixes two states in one answer."""
+        versions = self.store.versions(user_ids)
+        out: dict[str, tuple[str, dict[str, torch.Tensor]] | None] = {}
+        for u in dict.fromkeys(user_ids):
+            v = versions.get(u)
+            hit = self._cached.pop(u, None)
+            if v is None:
+                out[u] = None
+                continue
+            if hit is None or hit[0] != v:
+                t = self.store.get_version(u, v)
+                if t is None:  # replaced or erased since the versions were read: what is stored now, in one read
+                    got = self.store.get_versioned(u)
+                    if got is None:
+                        out[u] = None
+                        continue
+                    t, v = got
+                hit = (v, {k: x.to(self.device) for k, x in t.items()})
+            self._cached[u] = hit
+            out[u] = hit
         while len(self._cached) > self.max_cached_users:
             self._cached.popitem(last=False)
-        return t
+        return out
 
     def prompt_ids(self, inputs: list[str], raw: bool = False, max_new_tokens: int | None = None) -> list[list[int]]:
         """Token ids of the prompts: a task query gets the answer cue exactly as `perfit predict` applies it (a raw
@@ -415,46 +456,47 @@ class PerFitModel:
         if len(user_ids) != len(inputs):
             raise ValueError(f"{len(user_ids)} user ids for {len(inputs)} inputs")
         mnt = max_new_tokens or self.task.max_new_tokens
-        out, unknown = self._decode(user_ids, self.prompt_ids(inputs, raw, mnt), variant, desc, max_new_tokens=mnt)
-        return Generations(out.texts, unknown)
+        out, used = self._decode(user_ids, self.prompt_ids(inputs, raw, mnt), variant, desc, max_new_tokens=mnt)
+        return Generations(out.texts, [u for u, v in used.items() if v is None] if variant == "perfit" else [])
 
     def complete(self, requests: list["Completion"], desc: str = "serving") -> list["CompletionResult"]:
         """The server's entry: many users' prompts (token ids) in one batch, each with its own answer length and kind
         (a task answer, cleaned as `generate` does, or a raw completion that only EOS ends), tokens streamed through
         each request's `on_token` as they are generated."""
         streams = [r.on_token for r in requests]
-        out, unknown = self._decode([r.user_id for r in requests], [r.prompt_ids for r in requests], "perfit", desc,
-                                    max_new_tokens=[r.max_new_tokens for r in requests], task=[r.task for r in requests],
-                                    on_token=(lambda i, t: streams[i](t) if streams[i] else None) if any(streams) else None)
-        unknown = set(unknown)
-        return [CompletionResult(out.texts[i], out.tokens[i], out.finish[i], r.user_id not in unknown)
+        out, used = self._decode([r.user_id for r in requests], [r.prompt_ids for r in requests], "perfit", desc,
+                                 max_new_tokens=[r.max_new_tokens for r in requests], task=[r.task for r in requests],
+                                 on_token=(lambda i, t: streams[i](t) if streams[i] else None) if any(streams) else None)
+        return [CompletionResult(out.texts[i], out.tokens[i], out.finish[i], used[r.user_id] is not None, used[r.user_id])
                 for i, r in enumerate(requests)]
 
     def _decode(self, user_ids: list[str], prompts: list[list[int]], variant: str, desc: str, on_token=None, **kw):
         """Greedy decoding of `prompts`, user_group_size users per batched pass. Returns (GenerationOutput in input
-        order, the users without a stored shift)."""
+        order, {user: the version of the stored shift that answered, None for the stage-1 shifts}); the store is read
+        once for all of them."""
         if variant not in VARIANTS:
             raise ValueError(f"variant {variant!r}: choose from {', '.join(VARIANTS)}")
         kw = dict(batch_size=self.cfg.eval_batch_size, desc=desc, details=True) | kw
+        none = dict.fromkeys(user_ids)
         if variant == "zero_shot":
-            return greedy_generate(self.model, self.tok, prompts, on_token=on_token, **kw), []
+            return greedy_generate(self.model, self.tok, prompts, on_token=on_token, **kw), none
         sh1 = self._require_collective()
         if variant == "stage1":
             with sh1.attached(self.model):
                 return greedy_generate(self.model, self.tok, prompts, [0] * len(prompts), sh1, first=self.first,
-                                       last=self.last, on_token=on_token, **kw), []
+                                       last=self.last, on_token=on_token, **kw), none
         out = GenerationOutput([""] * len(prompts), [[] for _ in prompts], [], ["length"] * len(prompts))
         users = list(dict.fromkeys(user_ids))
-        unknown = [u for u in users if u not in self.store]
-        unknown_set = set(unknown)
+        shifts = self.resolve_users(users)
+        unknown = [u for u in users if shifts[u] is None]
         per_row = {k: v for k, v in kw.items() if isinstance(v, list)}
         for g in range(0, len(users), self.cfg.user_group_size):
             group = users[g: g + self.cfg.user_group_size]
-            known = [u for u in group if u not in unknown_set]
+            known = [u for u in group if shifts[u] is not None]
             module_of = {u: 0 for u in group} | {u: k + 1 for k, u in enumerate(known)}  # module 0: P0
             sh = sh1.spawn(len(known) + 1)
             for u in known:
-                sh.load_user_state(module_of[u], self._user_tensors(u))
+                sh.load_user_state(module_of[u], shifts[u][1])
             rows = [i for i, u in enumerate(user_ids) if u in module_of]
             row_kw = kw | {k: [v[i] for i in rows] for k, v in per_row.items()}
             with sh.attached(self.model):
@@ -465,7 +507,7 @@ class PerFitModel:
                 out.texts[i], out.tokens[i], out.finish[i] = got.texts[j], got.tokens[j], got.finish[j]
         if unknown:
             log.info("generate: %d users have no personal shift and got the stage-1 shifts: %s", len(unknown), unknown[:5])
-        return out, unknown
+        return out, {u: None if shifts[u] is None else shifts[u][0] for u in users}
 
 
 @dataclass
@@ -484,6 +526,7 @@ class CompletionResult:
     tokens: list[int]
     finish_reason: str  # "stop" or "length"
     personal_shift: bool
+    shift_version: str | None = None  # the stored shift that answered (UserStore.version), None: the stage-1 shifts
 
 
 def store_path(run_dir: str) -> str:

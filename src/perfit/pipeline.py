@@ -16,7 +16,7 @@ from safetensors.torch import load, save
 
 from . import dist, metrics
 from .backbone import Backbone, load_backbone
-from .config import RunConfig
+from .config import RunConfig, check_run_overrides
 from .data import DataError, OverlapCheck, Query, TaskData, User, data_fingerprint, load_task_data, write_json_atomic
 from .data.synthetic import generate
 from .errors import RunStateError
@@ -326,14 +326,17 @@ def stage2_only(cfg: RunConfig, backbone: Backbone | None = None) -> str:
     return os.path.join(exp.run_dir, USERS)
 
 
-def predict_only(cfg: RunConfig | None = None, run_dir: str | None = None, backbone: Backbone | None = None) -> dict:
+def predict_only(cfg: RunConfig | None = None, run_dir: str | None = None, backbone: Backbone | None = None,
+                 overrides: dict | None = None) -> dict:
     """Predictions and metrics from a run's stored stage-1 checkpoint and users. With `run_dir`, the settings come
-    from the run's config (`cfg`, if given, overrides them); user_others.json is never read."""
+    from the run's config, `overrides` changing those that can change on a finished run (RUN_OVERRIDES: dtype, device,
+    batch size, users, data; any other is refused); user_others.json is never read."""
     if run_dir:
-        cfg = cfg or load_run_config(run_dir)
+        base = load_run_config(run_dir)
+        cfg = dataclasses.replace(base, **check_run_overrides(base, overrides or {}, run_dir))
     exp = prepare(cfg, run_dir)
     if backbone is None and run_dir:
-        pm = PerFitModel.from_run(run_dir)
+        pm = PerFitModel.from_run(run_dir, overrides=overrides)
     else:
         pm = open_model(exp, backbone)
         _require_stage1(exp, pm)
