@@ -1,6 +1,9 @@
 """`perfit serve` for real: uvicorn in a subprocess on a free loopback port, a run of the tiny Llama served in float64
-(so that answers batched with other users' equal each user's answer alone, to the last bit that matters)."""
+(so that answers batched with other users' equal each user's answer alone, to the last bit that matters). Where a
+test needs requests to meet in one batch, or to be in flight at a given moment, it holds the worker at a fault point
+(perfit.faults `wait:`) and looks at what the server reports, instead of relying on a batching window or a sleep."""
 import concurrent.futures
+import os
 import shutil
 import subprocess
 import sys
@@ -12,24 +15,55 @@ import pytest
 from perfit import PerFitModel
 from perfit.data import load_task_data
 from perfit.serve.launch import launch, stop
+from perfit.store import UserStore
 
 NEW = [{"id": "n1", "description": "A starship crew answers an alien signal.", "tag": "sci-fi"},
        {"id": "n2", "description": "Androids and a warp drive in a distant galaxy.", "tag": "sci-fi"},
        {"id": "n3", "description": "A wizard's quest through an enchanted forest.", "tag": "fantasy"}]
 
 
-def start_server(run_dir: str, *extra: str, lifetime: int = 300):
+def start_server(run_dir: str, *extra: str, lifetime: int = 300, env: dict | None = None):
     """The server in its own process (float64: see the module's docstring); it stops by itself after `lifetime`."""
-    return launch(run_dir, "--dtype", "float64", "--max_wait_ms", "100", "--max_body_bytes", "20000", *extra, lifetime=lifetime)
+    return launch(run_dir, "--dtype", "float64", "--max_wait_ms", "0", "--max_body_bytes", "20000", *extra,
+                  lifetime=lifetime, env=env)
+
+
+class Valve:
+    """Every generation batch of the server passes a `wait:` fault point on this file: open (the file exists) it
+    passes at once; `close()` makes the next batch wait there until `open()`."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(str(folder), "valve")
+        self.open()
+
+    def env(self) -> dict:
+        return dict(os.environ, PERFIT_FAULT=f"engine.generate%1=wait:{self.path}")
+
+    def open(self):
+        open(self.path, "w").close()
+
+    def close(self):
+        for p in (self.path, self.path + ".reached"):
+            if os.path.exists(p):
+                os.unlink(p)
+
+    def held(self, timeout=60):
+        end = time.monotonic() + timeout
+        while not os.path.exists(self.path + ".reached"):
+            assert time.monotonic() < end, "no batch reached the valve"
+            time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
 def served(finished_run, tmp_path_factory):
     cfg, res = finished_run
-    run = str(tmp_path_factory.mktemp("served") / "run")
+    folder = tmp_path_factory.mktemp("served")
+    run = str(folder / "run")
     shutil.copytree(res["run_dir"], run)  # the server changes the store
-    proc, url = start_server(run)
-    yield run, url, cfg
+    valve = Valve(folder)
+    proc, url = start_server(run, env=valve.env())
+    yield run, url, cfg, valve
+    valve.open()
     log = stop(proc)
     assert "Traceback" not in log, log[-3000:]
 
@@ -40,41 +74,53 @@ def _queries(cfg):
 
 
 def test_health_models_openapi_and_metrics(served):
-    run, url, _ = served
+    run, url, _, _ = served
     h = httpx.get(url + "/healthz").json()
-    assert h["status"] == "ok" and h["users_stored"] >= 3 and h["task"] == "movie_tagging"
+    assert {k: h[k] for k in ("status", "users_stored", "task", "model", "queue_depth", "training_queue")} == \
+        {"status": "ok", "users_stored": 3, "task": "movie_tagging", "model": "tiny", "queue_depth": 0, "training_queue": 0}
     assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "perfit"
     spec = httpx.get(url + "/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/generate", "/v1/users/{user_id}/history"} <= set(spec["paths"])
     assert httpx.get(url + "/docs").status_code == 200
-    m = httpx.get(url + "/metrics").text
-    for name in ("perfit_requests_total", "perfit_request_seconds_bucket", "perfit_batch_size", "perfit_queue_depth",
-                 "perfit_cached_users", "perfit_training_queue"):
-        assert name in m, name
+    before = _metric(url, 'perfit_requests_total{code="200",endpoint="/v1/models"}')
+    httpx.get(url + "/v1/models")
+    assert _metric(url, 'perfit_requests_total{code="200",endpoint="/v1/models"}') == before + 1
+    assert _metric(url, "perfit_queue_depth") == _metric(url, "perfit_training_queue") == _metric(url, "perfit_generating") == 0
 
 
 def test_concurrent_users_each_get_their_own_answer(served):
-    """Requests of several users (and one unknown) sent at once are batched together, and each answer equals
-    PerFitModel.generate for that user alone."""
-    run, url, cfg = served
+    """Requests of several users (and one unknown) waiting together are answered in one mixed-user batch (the server's
+    batch-size metric says so), and each answer equals PerFitModel.generate for that user alone."""
+    run, url, cfg, valve = served
     qs = _queries(cfg) + [("stranger", _queries(cfg)[0][1])]
-    before = _metric(url, "perfit_batch_size_count")
+    count, total = _metric(url, "perfit_batch_size_count"), _metric(url, "perfit_batch_size_sum")
+    post = lambda q: httpx.post(url + "/v1/generate", json={"user_id": q[0], "input": q[1]}, timeout=60).json()  # noqa: E731
     with concurrent.futures.ThreadPoolExecutor(len(qs)) as ex:
-        got = list(ex.map(lambda q: httpx.post(url + "/v1/generate", json={"user_id": q[0], "input": q[1]}, timeout=60).json(), qs))
+        valve.close()
+        first = ex.submit(post, qs[0])
+        valve.held()  # the first request's batch waits at the valve
+        rest = [ex.submit(post, q) for q in qs[1:]]
+        end = time.monotonic() + 60
+        while httpx.get(url + "/healthz").json()["queue_depth"] < len(qs) - 1 and time.monotonic() < end:
+            time.sleep(0.01)
+        valve.open()
+        got = [first.result()] + [f.result() for f in rest]
+    assert _metric(url, "perfit_batch_size_count") - count == 2  # the first alone, then all the others together
+    assert _metric(url, "perfit_batch_size_sum") - total == len(qs)
     pm = PerFitModel.from_run(run, dtype="float64")
     want = pm.generate([u for u, _ in qs], [x for _, x in qs])
+    store = UserStore(os.path.join(run, "users.sqlite"))
     for (u, x), g in zip(qs, got):
         assert g["output"] == pm.generate([u], [x])[0] and g["user_id"] == u
-        assert g["personal_shift"] == (u != "stranger")
+        assert g["personal_shift"] == (u != "stranger") and g["shift_version"] == store.version(u)
     assert [g["output"] for g in got] == list(want)
     assert got[-1]["output"] == pm.generate(["x"], [qs[-1][1]], variant="stage1")[0]  # unknown: the stage-1 shifts
-    batches = _metric(url, "perfit_batch_size_count") - before
-    assert batches < len(qs)  # some requests shared a batch
 
 
 def _metric(url, name) -> float:
+    """A sample's value; `name` may carry its labels as Prometheus prints them (sorted by label name)."""
     for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith(name + " ") or ("{" not in name and line.startswith(name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -82,13 +128,18 @@ def _metric(url, name) -> float:
 def test_openai_client_completions_chat_and_streaming(served):
     from openai import OpenAI
 
-    run, url, cfg = served
+    run, url, cfg, _ = served
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     prompt = _queries(cfg)[2][1]
     c = client.completions.create(model="perfit", prompt=prompt, max_tokens=6, temperature=0, user="u0001")
-    assert c.object == "text_completion" and c.choices[0].finish_reason in ("stop", "length")
-    assert c.usage.completion_tokens <= 6 and c.usage.prompt_tokens > 10
-    assert c.model_extra["perfit"] == {"user": "u0001", "personal_shift": True}
+    pm = PerFitModel.from_run(run, dtype="float64")
+    ids = pm.tok(prompt)["input_ids"]
+    from perfit.model import Completion
+
+    ref = pm.complete([Completion("u0001", ids, 6)])[0]
+    assert c.object == "text_completion" and c.choices[0].text == ref.text and c.choices[0].finish_reason == ref.finish_reason
+    assert c.usage.completion_tokens == len(ref.tokens) and c.usage.prompt_tokens == len(ids)
+    assert c.model_extra["perfit"] == {"user": "u0001", "personal_shift": True, "shift_version": pm.store.version("u0001")}
     parts = list(client.completions.create(model="perfit", prompt=prompt, max_tokens=6, user="u0001", stream=True))
     assert "".join(p.choices[0].text for p in parts) == c.choices[0].text  # streamed = whole
     assert parts[-1].choices[0].finish_reason == c.choices[0].finish_reason
@@ -109,17 +160,20 @@ def test_openai_client_completions_chat_and_streaming(served):
 
 
 def test_online_personalization_then_erasure(served):
-    run, url, cfg = served
+    run, url, cfg, _ = served
     query = _queries(cfg)[0][1]
     assert httpx.get(url + "/v1/users/newcomer").json()["status"] == "none"
+    t0 = time.time()
     r = httpx.post(url + "/v1/users/newcomer/history", json={"items": NEW})
-    assert r.status_code == 202 and r.json()["status"] in ("queued", "training")
+    assert r.status_code == 202 and r.json()["status"] in ("queued", "training") and r.json()["items"] == 3
     for _ in range(300):
         st = httpx.get(url + "/v1/users/newcomer").json()
         if st["status"] in ("ready", "failed"):
             break
         time.sleep(0.1)
-    assert st["status"] == "ready" and st["items"] == 3 and st["final_loss"] > 0 and st["trained_at"] > 0
+    stored = UserStore(os.path.join(run, "users.sqlite")).entry("newcomer")
+    assert st["status"] == "ready" and st["items"] == 3 and st["final_loss"] == stored["final_loss"] == stored["epoch_losses"][-1]
+    assert t0 <= st["trained_at"] <= time.time()
     g = httpx.post(url + "/v1/generate", json={"user_id": "newcomer", "input": query}).json()
     assert g["personal_shift"] is True
     assert g["output"] == PerFitModel.from_run(run, dtype="float64").generate(["newcomer"], [query])[0]
@@ -163,7 +217,7 @@ BAD = [
 
 @pytest.mark.parametrize("method,path,body,code,words", BAD, ids=[f"{i}-{b[1].split('/')[-1]}" for i, b in enumerate(BAD)])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(served, method, path, body, code, words):
-    run, url, _ = served
+    run, url, _, _ = served
     kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else \
         ({"json": body} if body is not None else {})
     r = httpx.request(method.upper(), url + path, timeout=30, **kw)
@@ -225,18 +279,31 @@ def test_failed_training_keeps_the_previous_shift_and_says_why(finished_run, tmp
         engine.stop()
 
 
-def test_shutdown_lets_in_flight_requests_finish(finished_run):
+def test_shutdown_lets_in_flight_requests_finish(finished_run, tmp_path):
+    """SIGTERM while a request's batch is being answered (held at a fault point, so it is in flight for sure): the
+    request is answered in full, then the server shuts down cleanly."""
     _, res = finished_run
-    # the request waits 3 s for companions in the batcher: SIGTERM comes while it is in flight (the later flag wins)
-    proc, url = start_server(res["run_dir"], "--max_wait_ms", "3000", lifetime=60)
+    valve = Valve(tmp_path)
+    valve.close()
+    proc, url = start_server(res["run_dir"], lifetime=60, env=valve.env())
+    body = {"model": "perfit", "prompt": "a long answer please", "max_tokens": 40, "user": "u0001"}
     with concurrent.futures.ThreadPoolExecutor(2) as ex:
-        fut = ex.submit(httpx.post, url + "/v1/completions",
-                        json={"model": "perfit", "prompt": "a long answer please", "max_tokens": 200}, timeout=60)
-        time.sleep(1.0)
+        fut = ex.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
+        valve.held()
         out_later = ex.submit(stop, proc)  # SIGTERM while the request is being answered
+        end = time.monotonic() + 30
+        while "Shutting down" not in open(proc.log_path).read():
+            assert time.monotonic() < end, "the server did not start shutting down"
+            time.sleep(0.05)
+        valve.open()
         r = fut.result()
         out = out_later.result()
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
-    assert "Shutting down" in out and out.index("Shutting down") < out.rindex('"POST /v1/completions HTTP/1.1" 200')
+    from perfit.model import Completion
+
+    pm = PerFitModel.from_run(res["run_dir"], dtype="float64")
+    ref = pm.complete([Completion("u0001", pm.tok(body["prompt"])["input_ids"], 40)])[0]
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.text
+    assert r.json()["usage"]["completion_tokens"] == len(ref.tokens)
+    assert out.index("Shutting down") < out.rindex('"POST /v1/completions HTTP/1.1" 200')
     # uvicorn finishes the request, shuts the app down (the engine ends after its job in hand), then re-raises SIGTERM
     assert "Application shutdown complete" in out and "Traceback" not in out

@@ -24,11 +24,12 @@ from ..config import ServeConfig
 from ..data import DataError, validate_items
 from ..errors import ConfigError
 from ..model import PerFitModel
-from .engine import Engine, GenRequest, ShuttingDown
+from .engine import Engine, EngineDead, GenRequest, Overloaded, ShuttingDown, WorkerError
 from .schemas import USER_ID, USER_ID_RULE, ChatCompletionRequest, CompletionRequest, GenerateRequest, HistoryRequest
 
 log = logging.getLogger("perfit")
-PERSONAL_FIELD = "perfit"  # the extra response field: {"user", "personal_shift"}
+PERSONAL_FIELD = "perfit"  # the extra response field: {"user", "personal_shift", "shift_version"}
+FATAL_EXIT_CODE = 3  # `perfit serve` exits with it when its worker cannot go on (for a supervisor to restart it)
 
 
 class Metrics:
@@ -43,6 +44,11 @@ class Metrics:
         self.training_queue = Gauge("perfit_training_queue", "Users waiting to be personalized", registry=r)
         self.cached_users = Gauge("perfit_cached_users", "Users' shifts held on the device", registry=r)
         self.trainings = Counter("perfit_trainings", "Personalizations by outcome", ["outcome"], registry=r)
+        self.generating = Gauge("perfit_generating", "Requests in the generation batch being answered", registry=r)
+        self.rejected = Counter("perfit_rejected", "Requests refused with 429 because a queue was full", ["reason"],
+                                registry=r)
+        self.worker_errors = Counter("perfit_worker_errors", "Jobs of the worker that failed, by phase", ["phase"],
+                                     registry=r)
 
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
@@ -71,6 +77,19 @@ def read_api_key(path: str) -> str:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _Invalid(Exception):
+    """A request field's value the server refuses (400 naming the field)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def personal(user: str, res: dict) -> dict:
+    """The `perfit` response field: whose shift answered and which stored version of it (None: the stage-1 shifts)."""
+    return {"user": user or None, "personal_shift": res["personal_shift"], "shift_version": res["shift_version"]}
 
 
 class BodyLimit:
@@ -107,9 +126,12 @@ class BodyLimit:
                 await error(413, f"request body over {self.limit} bytes")(scope, receive, send)
 
 
-def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None) -> FastAPI:
+def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None, on_fatal=None) -> FastAPI:
+    """The app over one loaded run. `on_fatal(reason)` is called once if the engine's worker cannot go on."""
     metrics = Metrics()
-    engine = Engine(pm, sc.max_batch_size, sc.max_wait_ms, metrics)
+    engine = Engine(pm, sc.max_batch_size, sc.max_wait_ms, metrics, max_queued_requests=sc.max_queued_requests,
+                    max_queued_users=sc.max_queued_users, max_consecutive_failures=sc.max_consecutive_failures,
+                    on_fatal=on_fatal)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -156,6 +178,24 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None) -> 
     async def shutting_down(request: Request, exc: ShuttingDown):
         return error(503, str(exc), kind="server_error")
 
+    @app.exception_handler(EngineDead)
+    async def dead(request: Request, exc: EngineDead):
+        return error(503, str(exc), kind="server_error")
+
+    @app.exception_handler(WorkerError)
+    async def worker_error(request: Request, exc: WorkerError):
+        return error(500, str(exc), kind="server_error")
+
+    @app.exception_handler(_Invalid)
+    async def invalid_field(request: Request, exc: _Invalid):
+        return error(400, str(exc), exc.param)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded):
+        r = error(429, str(exc), kind="rate_limit_error")
+        r.headers["Retry-After"] = str(exc.retry_after)
+        return r
+
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception):
         log.error("internal error on %s", request.url.path, exc_info=exc)
@@ -183,13 +223,14 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None) -> 
     def prompt_limit(n_new: int) -> int:
         return min(sc.max_prompt_tokens, pm.cfg.max_length - n_new)
 
-    def raw_ids(text: str, n_new: int, add_special: bool = True) -> list[int]:
+    def raw_ids(text: str, n_new: int, add_special: bool = True, param: str = "prompt") -> list[int]:
         ids = pm.tok(text, add_special_tokens=add_special)["input_ids"]
         if len(ids) > prompt_limit(n_new):
-            raise HTTPException(400, f"the prompt has {len(ids)} tokens; with {n_new} new tokens at most "
-                                     f"{prompt_limit(n_new)} are accepted")
+            raise _Invalid(f"{param}: the prompt has {len(ids)} tokens; with {n_new} new tokens at most "
+                           f"{prompt_limit(n_new)} are accepted (--max_prompt_tokens {sc.max_prompt_tokens}, the run's "
+                           f"max_length {pm.cfg.max_length})", param)
         if not ids:
-            raise HTTPException(400, "the prompt is empty after tokenization")
+            raise _Invalid(f"{param}: the prompt is empty after tokenization", param)
         return ids
 
     def chat_ids(req: ChatCompletionRequest, n_new: int) -> list[int]:
@@ -200,7 +241,11 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None) -> 
         return raw_ids("".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:", n_new)
 
     async def run(greq: GenRequest) -> dict:
-        return await asyncio.wrap_future(engine.generate(greq))
+        fut = engine.generate(greq)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), sc.request_timeout_s or None)
+        except asyncio.TimeoutError:  # the future is cancelled with it: a request not yet in a batch is dropped
+            raise HTTPException(504, f"no answer within --request_timeout_s {sc.request_timeout_s:g}") from None
 
     def usage(res: dict) -> dict:
         return {"prompt_tokens": res["prompt_tokens"], "completion_tokens": res["completion_tokens"],
@@ -226,7 +271,7 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None) -> 
                 else:
                     res = v.result()
                     last = chunk({} if opening is not None else "", res["finish_reason"])
-                    last[PERSONAL_FIELD] = {"user": greq.user_id or None, "personal_shift": res["personal_shift"]}
+                    last[PERSONAL_FIELD] = personal(greq.user_id, res)
                     if include_usage:
                         last["usage"] = usage(res)
                     yield f"data: {json.dumps(last)}\n\n"
@@ -251,7 +296,7 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None) -> 
             return stream(greq, chunk, bool((req.stream_options or {}).get("include_usage")))
         res = await run(greq)
         body = chunk(res["text"], res["finish_reason"]) | {"usage": usage(res)}
-        body[PERSONAL_FIELD] = {"user": user or None, "personal_shift": res["personal_shift"]}
+        body[PERSONAL_FIELD] = personal(user, res)
         return body
 
     @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (greedy); `user` selects the personal shift")
@@ -272,15 +317,16 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None) -> 
         return {"id": cid, "object": "chat.completion", "created": created, "model": sc.served_model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res["text"]}, "logprobs": None,
                              "finish_reason": res["finish_reason"]}],
-                "usage": usage(res), PERSONAL_FIELD: {"user": user or None, "personal_shift": res["personal_shift"]}}
+                "usage": usage(res), PERSONAL_FIELD: personal(user, res)}
 
     @app.post("/v1/generate", summary="A task query answered as `perfit predict` / PerFitModel.generate answer it")
     async def generate(req: GenerateRequest):
         n_new = max_new(req, "max_new_tokens", pm.task.max_new_tokens)
-        ids = pm.prompt_ids([req.input], raw=False, max_new_tokens=n_new)[0]
+        # the query prompt as predict builds it, refused (not cut, as predict cuts it) when over the server's limit
+        ids = raw_ids(pm.builder.query_prompt(req.input), n_new, param="input")
         res = await run(GenRequest(req.user_id, ids, n_new, task=True))
         return {"user_id": req.user_id, "output": res["text"], "personal_shift": res["personal_shift"],
-                "finish_reason": res["finish_reason"]}
+                "shift_version": res["shift_version"], "finish_reason": res["finish_reason"]}
 
     @app.post("/v1/users/{user_id}/history", status_code=202,
               summary="Train (or retrain) the user's personal shift on these history items, in the background")
@@ -291,11 +337,11 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None) -> 
         problems = validate_items(req.items, f"user {user_id!r}", pm.task)
         if problems:
             raise DataError(problems)
-        return engine.personalize(user_id, req.items)
+        return await asyncio.to_thread(engine.personalize, user_id, req.items)  # committed to the store first
 
     @app.get("/v1/users/{user_id}", summary="none, queued, training, ready or failed; when trained, on how many items, its loss")
     async def get_user(user_id: str = Path(max_length=200)):
-        return engine.user_status(user_path(user_id))
+        return await asyncio.to_thread(engine.user_status, user_path(user_id))
 
     @app.delete("/v1/users/{user_id}", summary="Erase the user's shift and everything stored about the user")
     async def delete_user(user_id: str = Path(max_length=200)):
@@ -307,22 +353,25 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None) -> 
         return {"object": "list", "data": [{"id": sc.served_model_name, "object": "model", "created": int(started),
                                             "owned_by": "perfit"}]}
 
-    @app.get("/healthz")
+    @app.get("/healthz", summary="ok (200) while the worker answers; unhealthy (503) with the reason when it cannot go on")
     async def healthz():
-        return {"status": "ok", "run_dir": pm.run_dir, "task": pm.task.name, "model": pm.info.name,
-                "device": str(pm.device), "users_stored": len(pm.store), "queue_depth": engine.queue_depth(),
-                "uptime_s": round(time.time() - started, 1)}
+        h = engine.health()  # no filesystem paths: this endpoint needs no key
+        body = h | {"task": pm.task.name, "model": pm.info.name, "device": str(pm.device), "users_stored": len(pm.store),
+                    "queue_depth": engine.queue_depth(), "training_queue": engine.training_queue(),
+                    "uptime_s": round(time.time() - started, 1)}
+        return JSONResponse(body, status_code=200 if h["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus():
-        metrics.cached_users.set(len(pm._cached))
+        metrics.cached_users.set(pm.cached_users)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return BodyLimit(app, sc.max_body_bytes)
 
 
-def serve(sc: ServeConfig) -> None:
-    """Load the run once and serve it until stopped (SIGINT/SIGTERM: in-flight requests finish first)."""
+def serve(sc: ServeConfig) -> int:
+    """Load the run once and serve it until stopped (SIGINT/SIGTERM: in-flight requests finish first). Returns the
+    exit code: 0, or FATAL_EXIT_CODE when the worker could not go on (every waiting request was answered 503)."""
     import uvicorn
 
     if not sc.run_dir:
@@ -332,11 +381,23 @@ def serve(sc: ServeConfig) -> None:
         raise ConfigError(f"--host {sc.host}: listening beyond loopback requires --api_key_file")
     pm = PerFitModel.from_run(sc.run_dir, device=sc.device or None, dtype=sc.dtype or None,
                               max_cached_users=sc.max_cached_users)
-    app = create_app(pm, sc, api_key)
-    server = uvicorn.Server(uvicorn.Config(app, host=sc.host, port=sc.port, log_level="info", timeout_graceful_shutdown=30))
+    fatal: list[str] = []
+    holder: dict = {}
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        holder["server"].should_exit = True
+
+    app = create_app(pm, sc, api_key, on_fatal=on_fatal)
+    server = holder["server"] = uvicorn.Server(uvicorn.Config(app, host=sc.host, port=sc.port, log_level="info",
+                                                              timeout_graceful_shutdown=30))
     if sc.max_lifetime_s > 0:
         timer = threading.Timer(sc.max_lifetime_s, lambda: setattr(server, "should_exit", True))
         timer.daemon = True
         timer.start()
     log.info("serving %s (%s, %d users stored) on http://%s:%d", sc.run_dir, pm.task.name, len(pm.store), sc.host, sc.port)
     server.run()
+    if fatal:
+        log.error("perfit serve: exiting with %d: the serving worker cannot go on (%s)", FATAL_EXIT_CODE, fatal[0])
+        return FATAL_EXIT_CODE
+    return 0

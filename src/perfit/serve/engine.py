@@ -1,10 +1,19 @@
-"""The serving engine: one worker thread owns the model, so generation, training and erasure never run at once on it
-and every change to a user is ordered after the requests that came before it.
+"""The serving engine: one worker thread owns the model, so generation, training and erasure never run at once on it.
 
-Each turn of the worker: pending erasures first, then one generation batch (the requests that arrived within
-max_wait_ms of the first, up to max_batch_size, answered in one mixed-user pass), then one personalization group (every
-user waiting to train, up to user_group_size, trained together). A retrained user keeps its previous shift until the
-new one is stored; a failed training leaves it untouched and says why in the user's status.
+Each turn of the worker: pending erasures first (once DELETE is received nothing more is answered with the erased
+shift), then one generation batch (the requests that arrived within max_wait_ms of the first, up to max_batch_size,
+answered in one mixed-user pass, each user's shift read from the store once for the batch), then one personalization
+group (users waiting to train, up to user_group_size, trained together).
+
+What it promises:
+- Durable jobs: an accepted history is queued in the run's store before `personalize` returns; a restarted engine
+  resumes what was queued or interrupted, and a job erased or replaced meanwhile is not stored (UserStore.put_many).
+- Supervision: an error fails only the requests of the job it happened in (a batch, a request's own stream, a
+  training group, an erasure); the worker goes on. An error outside any job, or max_consecutive_failures failed
+  batches in a row, is fatal: every waiting request fails with EngineDead, health says why and `on_fatal` is called
+  (the server then exits non-zero, for its supervisor to restart it). No request waits on a dead worker.
+- Backpressure: at most max_queued_requests generation requests and max_queued_users training users wait; beyond,
+  Overloaded (the server answers 429 with Retry-After).
 """
 from __future__ import annotations
 
@@ -12,17 +21,34 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..faults import fault_point
 from ..model import Completion, PerFitModel
 
 log = logging.getLogger("perfit")
 
 
 class ShuttingDown(Exception):
-    pass
+    """The server is stopping: the request was not taken (503)."""
+
+
+class EngineDead(Exception):
+    """The worker cannot go on (503); the process is about to exit."""
+
+
+class WorkerError(Exception):
+    """A job of the worker failed (500); the message names the error."""
+
+
+class Overloaded(Exception):
+    """A queue is full (429)."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -40,68 +66,121 @@ class GenRequest:
     sent: str = ""
     stopped: bool = False
     text: str = ""
+    error: BaseException | None = None  # raised by this request's own callback: it fails alone
+
+
+def _settle(fut: concurrent.futures.Future, result=None, error: BaseException | None = None) -> None:
+    """Resolve a future unless its request gave up on it (cancelled: a timed-out or gone client, a shutdown)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 class Engine:
-    def __init__(self, pm: PerFitModel, max_batch_size: int = 32, max_wait_ms: float = 10.0, metrics=None):
+    def __init__(self, pm: PerFitModel, max_batch_size: int = 32, max_wait_ms: float = 10.0, metrics=None,
+                 max_queued_requests: int = 256, max_queued_users: int = 1024, max_consecutive_failures: int = 3,
+                 on_fatal: Callable[[str], None] | None = None):
         self.pm, self.max_batch_size, self.max_wait = pm, max_batch_size, max_wait_ms / 1000.0
         self.metrics = metrics
+        self.max_queued_requests, self.max_queued_users = max_queued_requests, max_queued_users
+        self.max_consecutive_failures = max_consecutive_failures
+        self.on_fatal = on_fatal
+        self.on_batch: Callable[[list[GenRequest]], None] | None = None  # sees each batch's requests (tests, tracing)
         pm.store  # opened once, here: request threads and the worker must share one in-memory index
         self._cv = threading.Condition()
         self._gen: deque[GenRequest] = deque()
-        self._train: dict[str, list[dict]] = {}  # user -> items, waiting to train (a newer post replaces them)
+        self._train: OrderedDict[str, str] = OrderedDict()  # user -> job id waiting to train (the items are in the store)
         self._erase: deque[tuple[str, concurrent.futures.Future]] = deque()
-        self.status: dict[str, dict] = {}  # queued / training / failed users (ready ones are in the store)
         self._stopping = False
+        self._started = False
+        self.fatal: str | None = None
+        self._failed_batches = 0
+        self.generating = 0  # requests of the batch being answered
         self._thread = threading.Thread(target=self._loop, name="perfit-engine", daemon=True)
 
     # ---------------------------------------------------------------- the request side (any thread)
 
     def start(self) -> None:
+        """Resume the jobs the store holds (accepted before a restart, or interrupted in training), then serve."""
+        for user, job in self.pm.store.pending_jobs():
+            self._train[user] = job
+        if self._train:
+            log.info("resuming %d personalization jobs accepted before this server started", len(self._train))
+        self._started = True
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Finish the job in hand (a store write is never cut), refuse what is still waiting."""
+        """Finish the job in hand (a store write is never cut), refuse what is still waiting. Queued personalization
+        jobs stay in the store for the next start."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout)
-        with self._cv:
-            for r in self._gen:
-                r.future.set_exception(ShuttingDown("the server is shutting down"))
-            for _, f in self._erase:
-                f.set_exception(ShuttingDown("the server is shutting down"))
-            self._gen.clear()
-            self._erase.clear()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._fail_waiting(ShuttingDown("the server is shutting down"))
 
-    def _submit(self, put) -> None:
-        with self._cv:
-            if self._stopping:
-                raise ShuttingDown("the server is shutting down")
-            put()
-            self._cv.notify_all()
-            self._gauges()
+    def health(self) -> dict:
+        if self.fatal is not None:
+            return {"status": "unhealthy", "reason": self.fatal}
+        if self._started and not self._thread.is_alive() and not self._stopping:
+            return {"status": "unhealthy", "reason": "the serving worker is not running"}
+        return {"status": "ok"}
+
+    def _admit(self) -> None:
+        if self.fatal is not None:
+            raise EngineDead(f"the serving worker cannot go on: {self.fatal}")
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down")
 
     def generate(self, req: GenRequest) -> concurrent.futures.Future:
-        self._submit(lambda: self._gen.append(req))
+        with self._cv:
+            self._admit()
+            if len(self._gen) >= self.max_queued_requests:
+                self._rejected("generation_queue_full")
+                raise Overloaded(f"the generation queue is full ({self.max_queued_requests} requests waiting, "
+                                 f"--max_queued_requests); retry later")
+            self._gen.append(req)
+            self._cv.notify_all()
+            self._gauges()
         return req.future
 
     def personalize(self, user_id: str, items: list[dict]) -> dict:
-        def put():
-            self._train[user_id] = items
-            self.status[user_id] = {"status": "queued", "items": len(items), "queued_at": time.time()}
-        self._submit(put)
+        """Queue a (re)training of the user on `items`: written to the run's store (one transaction) before this
+        returns, so that a 202 survives a crash; a newer post for the same user replaces a job still waiting."""
+        with self._cv:
+            self._admit()
+            if user_id not in self._train and len(self._train) >= self.max_queued_users:
+                self._rejected("training_queue_full")
+                raise Overloaded(f"the training queue is full ({self.max_queued_users} users waiting, "
+                                 f"--max_queued_users); retry later", retry_after=5)
+        job = self.pm.store.enqueue(user_id, items)
+        with self._cv:
+            self._train[user_id] = job
+            self._train.move_to_end(user_id)
+            self._cv.notify_all()
+            self._gauges()
         return self.user_status(user_id)
 
     def forget(self, user_id: str) -> concurrent.futures.Future:
         f: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(lambda: self._erase.append((user_id, f)))
+        with self._cv:
+            self._admit()
+            self._erase.append((user_id, f))
+            self._cv.notify_all()
         return f
 
     def user_status(self, user_id: str) -> dict:
         """none, queued, training, ready or failed, with what is known (when trained, on how many items, its loss)."""
-        st = dict(self.status.get(user_id, {}))
-        stored = self.pm.store.entry(user_id) if self.pm.has_user(user_id) else None
+        job = self.pm.store.job(user_id)
+        try:
+            stored = self.pm.store.entry(user_id)
+        except KeyError:
+            stored = None
+        st = {k: v for k, v in (job or {}).items() if k != "job_id"}
         if stored is not None:
             shift = {k: stored.get(k) for k in ("trained_at", "items", "final_loss", "train_seconds")}
             if not st:
@@ -113,26 +192,57 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._gen)
 
+    def training_queue(self) -> int:
+        return len(self._train)
+
     # ---------------------------------------------------------------- the worker
+
+    def _rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason=reason).inc()
 
     def _gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self._gen))
             self.metrics.training_queue.set(len(self._train))
-            self.metrics.cached_users.set(len(self.pm._cached))
+            self.metrics.cached_users.set(self.pm.cached_users)
+            self.metrics.generating.set(self.generating)
+
+    def _failed(self, phase: str) -> None:
+        if self.metrics is not None:
+            self.metrics.worker_errors.labels(phase=phase).inc()
 
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._gen or self._train or self._erase or self._stopping):
-                    self._cv.wait()
-                if self._stopping:
-                    return
-            self._erasures()
-            self._generation()
-            self._training()
-            with self._cv:
-                self._gauges()
+        try:
+            while True:
+                with self._cv:
+                    while not (self._gen or self._train or self._erase or self._stopping):
+                        self._cv.wait()
+                    if self._stopping:
+                        return
+                fault_point("engine.loop")
+                self._erasures()
+                self._generation()
+                self._training()
+                with self._cv:
+                    self._gauges()
+        except BaseException as e:  # noqa: BLE001 - outside any one job: the worker cannot go on
+            self._die(f"{type(e).__name__}: {e}")
+
+    def _die(self, reason: str) -> None:
+        log.error("the serving worker cannot go on: %s", reason, exc_info=True)
+        self.fatal = reason
+        self._fail_waiting(EngineDead(f"the serving worker cannot go on: {reason}"))
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+    def _fail_waiting(self, error: Exception) -> None:
+        with self._cv:
+            waiting = [r.future for r in self._gen] + [f for _, f in self._erase]
+            self._gen.clear()
+            self._erase.clear()
+        for f in waiting:
+            _settle(f, error=error)
 
     def _erasures(self) -> None:
         with self._cv:
@@ -140,12 +250,14 @@ class Engine:
             self._erase.clear()
             for uid, _ in jobs:  # a user erased before its queued training ran is not trained at all
                 self._train.pop(uid, None)
-                self.status.pop(uid, None)
         for uid, f in jobs:
             try:
-                f.set_result(self.pm.forget(uid))
+                fault_point("engine.erase")
+                _settle(f, self.pm.forget(uid))
             except Exception as e:  # noqa: BLE001 - reported to the request that asked
-                f.set_exception(e)
+                log.exception("erasing user %r failed", uid)
+                self._failed("erase")
+                _settle(f, error=WorkerError(f"erasing the user failed: {type(e).__name__}: {e}"))
 
     def _generation(self) -> None:
         with self._cv:
@@ -157,18 +269,61 @@ class Engine:
                 if left <= 0 or self._erase:
                     break
                 self._cv.wait(left)
-            batch = [self._gen.popleft() for _ in range(min(len(self._gen), self.max_batch_size))]
+            taken = [self._gen.popleft() for _ in range(min(len(self._gen), self.max_batch_size))]
+            # a request whose client gave up before its batch started is dropped; the others can no longer be cancelled
+            batch = [r for r in taken if r.future.set_running_or_notify_cancel()]
+            self.generating = len(batch)
+            self._gauges()
         if not batch:
             return
+        if self.on_batch is not None:
+            self.on_batch(batch)
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
+        try:
+            fault_point("engine.generate")
+            results = self.pm.complete([Completion(r.user_id, r.prompt_ids, r.max_new_tokens, r.task,
+                                                   self._on_token(r) if (r.stop or r.on_text or not r.task) else None)
+                                        for r in batch])
+        except Exception as e:  # noqa: BLE001 - every request of the batch learns why
+            log.exception("generation batch failed")
+            self._failed("generate")
+            err = WorkerError(f"generation failed: {type(e).__name__}: {e}")
+            for r in batch:
+                _settle(r.future, error=err)
+            self._failed_batches += 1
+            if self._failed_batches >= self.max_consecutive_failures:
+                raise EngineDead(f"{self._failed_batches} generation batches in a row failed, the last with "
+                                 f"{type(e).__name__}: {e}") from e
+            return
+        finally:
+            self.generating = 0
+        self._failed_batches = 0
+        for r, res in zip(batch, results):
+            if r.error is not None:
+                _settle(r.future, error=r.error)
+                continue
+            text = res.text if r.task else r.text
+            try:
+                if not r.task and r.on_text is not None and len(text) > len(r.sent):
+                    r.on_text(text[len(r.sent):])  # the tail held back while it ended inside a character
+            except Exception as e:  # noqa: BLE001 - this request's own stream is gone
+                _settle(r.future, error=e)
+                continue
+            _settle(r.future, {"text": text, "finish_reason": "stop" if r.stopped else res.finish_reason,
+                               "personal_shift": res.personal_shift, "shift_version": res.shift_version,
+                               "prompt_tokens": len(r.prompt_ids), "completion_tokens": len(res.tokens)})
+
+    def _on_token(self, req: GenRequest):
         tok = self.pm.tok
 
-        def on_token(req: GenRequest):
-            def cb(t: int) -> bool:
-                req.tokens.append(t)
-                if req.task:
-                    return False
+        def cb(t: int) -> bool:
+            if req.error is not None:
+                return True
+            req.tokens.append(t)
+            if req.task:
+                return False
+            try:
                 text = tok.decode(req.tokens, skip_special_tokens=True)
                 cut = min((text.find(s) for s in req.stop if s and s in text), default=-1)
                 if cut >= 0:
@@ -177,25 +332,11 @@ class Engine:
                     delta, req.sent = text[len(req.sent):], text
                     req.on_text(delta)
                 req.text = text
-                return req.stopped
-            return cb
-
-        try:
-            results = self.pm.complete([Completion(r.user_id, r.prompt_ids, r.max_new_tokens, r.task,
-                                                   on_token(r) if (r.stop or r.on_text or not r.task) else None)
-                                        for r in batch])
-        except Exception as e:  # noqa: BLE001 - every request of the batch learns why
-            log.exception("generation batch failed")
-            for r in batch:
-                r.future.set_exception(e)
-            return
-        for r, res in zip(batch, results):
-            text = res.text if r.task else r.text
-            if not r.task and r.on_text is not None and len(text) > len(r.sent):
-                r.on_text(text[len(r.sent):])  # the tail held back while it ended inside a character
-            r.future.set_result({"text": text, "finish_reason": "stop" if r.stopped else res.finish_reason,
-                                 "personal_shift": res.personal_shift, "prompt_tokens": len(r.prompt_ids),
-                                 "completion_tokens": len(res.tokens)})
+            except Exception as e:  # noqa: BLE001 - fails this request alone (its stream's loop is gone, ...)
+                req.error = e
+                return True
+            return req.stopped
+        return cb
 
     def _training(self) -> None:
         with self._cv:
@@ -203,23 +344,18 @@ class Engine:
                 return
             users = list(self._train)[: self.pm.cfg.user_group_size]
             jobs = {u: self._train.pop(u) for u in users}
-            for u in users:
-                self.status[u] = self.status.get(u, {}) | {"status": "training", "started_at": time.time()}
         try:
-            reports = self.pm.personalize(jobs, desc="serve: personalize")
+            fault_point("engine.train")
+            histories = self.pm.store.take_jobs(jobs)  # those not erased or replaced since, marked as training
+            if not histories:
+                return
+            reports = self.pm.personalize(histories, desc="serve: personalize", jobs=jobs)
         except Exception as e:  # noqa: BLE001 - a failed training is a user's status, not a crash
             log.exception("personalization failed for %s", users)
-            with self._cv:
-                for u in users:
-                    if self.status.get(u, {}).get("status") == "training":
-                        self.status[u] = {"status": "failed", "error": f"{type(e).__name__}: {e}", "items": len(jobs[u]),
-                                          "failed_at": time.time()}
+            self._failed("train")
+            self.pm.store.fail_jobs(jobs, f"{type(e).__name__}: {e}")
             if self.metrics is not None:
                 self.metrics.trainings.labels(outcome="failed").inc(len(users))
             return
-        with self._cv:
-            for u in users:
-                if self.status.get(u, {}).get("status") == "training":  # a newer post may have queued it again
-                    self.status.pop(u, None)
         if self.metrics is not None:
             self.metrics.trainings.labels(outcome="ready").inc(len(reports))
