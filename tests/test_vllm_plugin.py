@@ -51,30 +51,77 @@ def test_plan_shifts_each_prompt_position_once_whatever_the_chunking(first, last
         assert sorted(seen[i]) == shifted_positions(r["L"], first, last), (i, r)
 
 
-def test_prefix_cache_keys_separate_users_versions_and_lengths(finished_run, tmp_path):
+def test_prefix_cache_keys_separate_versions_and_lengths(finished_run, tmp_path):
     _, res = finished_run
     run = str(tmp_path / "run")
     shutil.copytree(res["run_dir"], run)
     info = RunInfo.load(run)
     assert (info.first, info.last) == (7, 7)
     users = info.store.users()
-    a, b = users[0], users[1]
-    keys = lambda u, L, s, e: info.block_keys(u, L, s, e)  # noqa: E731
-    # first group at 0: block 0 is keyed by user (its shift's version) whatever the length
-    assert keys(a, 100, 0, 16) == keys(a, 90, 0, 16) != keys(b, 100, 0, 16)
-    assert keys("nobody", 100, 0, 16) == keys("other-unknown", 100, 0, 16) == keys(None, 100, 0, 16)
-    assert keys(a, 100, 16, 32) == []  # between the groups: the chain already carries block 0's key
-    assert keys(a, 100, 80, 96) != keys(a, 101, 80, 96) != []  # the block holding the last group's start (93 / 94)
-    # a retrained user's blocks get new keys; a forgotten one's become the collective's
-    old = keys(a, 100, 0, 16)
-    info.store.put_many({a: {k: v + 1 for k, v in info.store.get(a).items()}})
-    assert keys(a, 100, 0, 16) != old
-    info.store.delete(a)
-    assert keys(a, 100, 0, 16) == keys("nobody", 100, 0, 16)
+    va, vb = info.version(users[0]), info.version(users[1])
+    keys = lambda v, L, s, e: info.block_keys(v, L, s, e)  # noqa: E731
+    # first group at 0: block 0 is keyed by the admitted version whatever the length
+    assert keys(va, 100, 0, 16) == keys(va, 90, 0, 16) != keys(vb, 100, 0, 16)
+    assert keys(None, 100, 0, 16) == keys("", 100, 0, 16) != keys(va, 100, 0, 16)
+    assert keys(va, 100, 16, 32) == []  # between the groups: the chain already carries block 0's key
+    assert keys(va, 100, 80, 96) != keys(va, 101, 80, 96) != []  # the block holding the last group's start (93 / 94)
     # last group only: blocks before it are shared by everyone
     only_last = RunInfo(run, 0, 7)
-    assert only_last.block_keys(b, 100, 0, 16) == only_last.block_keys(None, 100, 80, 92) == []
-    assert only_last.block_keys(b, 100, 80, 96) != only_last.block_keys(None, 100, 80, 96)
+    assert only_last.block_keys(vb, 100, 0, 16) == only_last.block_keys(None, 100, 80, 92) == []
+    assert only_last.block_keys(vb, 100, 80, 96) != only_last.block_keys(None, 100, 80, 96)
+
+
+def test_a_requests_shift_version_is_fixed_at_admission(finished_run, tmp_path):
+    """The version read when vLLM's engine admits a request decides both its prefix-cache keys and the shift the
+    worker applies, whatever happens to the user in between: a retrain (the worker still gets the admitted shift,
+    kept by the store under its version), a first personalization (the request stays with the collective shift) and
+    an erasure (the worker falls back to the collective shift, and the version it was admitted with is never issued
+    again, so the blocks it leaves are reused by no later request)."""
+    from perfit.vllm_plugin import SHIFT_KEY, shift_of, user_of
+
+    _, res = finished_run
+    run = str(tmp_path / "run")
+    shutil.copytree(res["run_dir"], run)
+    info, pm = RunInfo.load(run), PerFitModel.from_run(run, device="cpu")
+    bank = ShiftBank(pm.collective, info, "cpu", capacity=4)
+    a, b = info.store.users()[:2]
+    h = torch.randn(5, pm.info.hidden_size, generator=torch.Generator().manual_seed(0))
+    layer = bank.layers[0]
+
+    def delta(user_tensors):  # what PerFitModel's Shifter gives a user with these tensors (None: P0)
+        sh = pm.collective.spawn(2)
+        if user_tensors is not None:
+            sh.load_user_state(1, user_tensors)
+        which = torch.tensor([1 if user_tensors is not None else 0] * len(h))
+        return (sh.collective[str(layer)].delta(h.unsqueeze(1)) + sh.personal[str(layer)].delta(h.unsqueeze(1), which)).squeeze(1)
+
+    def served(extra):  # the worker's side of a request admitted with `extra`
+        slot = bank.acquire(user_of(extra), shift_of(extra))
+        try:
+            return bank.delta(layer, h, torch.full((len(h),), slot))
+        finally:
+            bank.release(slot)
+
+    old_a = info.store.get(a)
+    admitted_a = info.admit({"perfit_user": a})
+    admitted_new = info.admit({"perfit_user": "newcomer"})
+    admitted_b = info.admit({"perfit_user": b})
+    assert admitted_a[SHIFT_KEY] == info.version(a) and admitted_new[SHIFT_KEY] == ""
+    keys_a = info.block_keys(shift_of(admitted_a), 100, 0, 16)
+    info.store.put_many({a: {k: 2 * v for k, v in old_a.items()}})  # retrained after admission
+    info.store.put_many({"newcomer": {k: 3 * v for k, v in old_a.items()}})  # personalized after admission
+    b_tensors = info.store.get(b)
+    info.store.delete(b)  # erased after admission
+    torch.testing.assert_close(served(admitted_a), delta(old_a), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(served(admitted_new), delta(None), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(served(admitted_b), delta(None), rtol=1e-5, atol=1e-6)
+    # requests admitted now get the new state, under keys no earlier request had
+    now_a = info.admit({"perfit_user": a})
+    torch.testing.assert_close(served(now_a), delta({k: 2 * v for k, v in old_a.items()}), rtol=1e-5, atol=1e-6)
+    assert info.block_keys(shift_of(now_a), 100, 0, 16) != keys_a
+    info.store.put_many({b: b_tensors})  # the same tensors stored again: a new version, not the erased one's
+    assert info.admit({"perfit_user": b})[SHIFT_KEY] not in ("", admitted_b[SHIFT_KEY])
+    assert bank.gone == 1
 
 
 # ------------------------------------------------------------------ the bank, without vLLM
@@ -86,7 +133,7 @@ def test_bank_gives_each_token_its_users_shift(finished_run, tmp_path):
     pm = PerFitModel.from_run(res["run_dir"], device="cpu")
     users = pm.store.users()
     bank = ShiftBank.from_run(res["run_dir"], "cpu", capacity=4)
-    slots = [bank.acquire(u) for u in users] + [bank.acquire("stranger")]
+    slots = [bank.acquire(u, pm.store.version(u)) for u in users] + [bank.acquire("stranger", None)]
     assert slots[-1] == 0 and len(set(slots)) == len(slots)
     sh = pm.collective.spawn(len(users) + 1)
     for k, u in enumerate(users):
@@ -105,22 +152,24 @@ def test_bank_slots_follow_the_store(finished_run, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(res["run_dir"], run)
     bank = ShiftBank.from_run(run, "cpu", capacity=2)
-    a, b, c = bank.info.store.users()[:3]
-    sa = bank.acquire(a)
-    assert bank.acquire(a) == sa and bank.loads == 1  # cached
-    sb = bank.acquire(b)
+    store = bank.info.store
+    a, b, c = store.users()[:3]
+    acq = lambda u: bank.acquire(u, store.version(u))  # noqa: E731 - a request admitted now
+    sa = acq(a)
+    assert acq(a) == sa and bank.loads == 1  # cached
+    sb = acq(b)
     with pytest.raises(RuntimeError, match="PERFIT_VLLM_MAX_USERS"):
-        bank.acquire(c)  # both slots pinned by requests in prefill
+        acq(c)  # both slots pinned by requests in prefill
     bank.release(sb)
-    sc = bank.acquire(c)
+    sc = acq(c)
     assert sc == sb  # b's slot was the free one
     l = bank.layers[0]
-    bank.info.store.put_many({a: {k: v * 1.5 for k, v in bank.info.store.get(a).items()}})
+    store.put_many({a: {k: v * 1.5 for k, v in store.get(a).items()}})
     bank.release(sc)
-    s2 = bank.acquire(a)  # retrained: its new shift, in another slot (the old one still serves a request in prefill)
+    s2 = acq(a)  # retrained: its new shift, in another slot (the old one still serves a request in prefill)
     assert s2 != sa and bank.loads == 4 and not torch.allclose(bank.WmR[l][s2], bank.WmR[l][sa])
-    bank.info.store.delete(b)
-    assert bank.acquire(b) == 0  # forgotten: the collective shift + P0
+    store.delete(b)
+    assert acq(b) == 0  # forgotten: the collective shift + P0
 
 
 # ------------------------------------------------------------------ vLLM end to end
@@ -238,8 +287,10 @@ def test_vllm_serves_each_user_its_own_shift_with_and_without_prefix_caching(bun
     eos = pm.tok.eos_token_id
     outs = {}
     for caching in ("off", "on"):
-        # blocks of 32 tokens: prompts of ~100 tokens fill three (vLLM's CPU default of 128 would cache none)
-        proc, url = _server(run, "--vllm_args=--block-size 32" + (" --no-enable-prefix-caching" if caching == "off" else ""))
+        # blocks of 32 tokens (the least vLLM on CPUs takes): prompts of ~100 tokens fill three (its default of 128 would
+        # cache none); with caching on, two requests at a time, so that the others wait admitted while users change
+        proc, url = _server(run, *(["--vllm_args=--block-size 32 --no-enable-prefix-caching"] if caching == "off" else
+                                   ["--max_batch_size", "2", "--vllm_args=--block-size 32"]))
         try:
             got = _ask(url, rows_p, rows_u)
             _assert_same(got, want, eos)
@@ -264,9 +315,95 @@ def test_vllm_serves_each_user_its_own_shift_with_and_without_prefix_caching(bun
                 r = httpx.post(url + "/v1/completions", json={"model": "perfit", "prompt": "hi", "max_tokens": 1,
                                                               "vllm_xargs": {"perfit_user": 3}})
                 assert r.status_code == 400 and "perfit_user" in r.text
+                r = httpx.post(url + "/v1/completions", json={"model": "perfit", "prompt": "hi", "max_tokens": 1,
+                                                              "vllm_xargs": {"perfit_shift": "x"}})
+                assert r.status_code == 400 and "perfit_shift" in r.text  # a client never picks a version
+                _users_change_while_their_requests_wait(url, pm, prompts[:3], eos)
         finally:
             log = stop(proc)
         served = log.split("[shutdown]")[0]  # vLLM logs an EngineDeadError of its own while it shuts down
         assert "Traceback" not in served, served[-3000:]
     off = [t[:-1] if t and t[-1] == eos else t for t, _ in outs["off"]]
     _assert_same(outs["on"], off, eos)  # the same tokens, up to near ties
+
+
+def _admitted(url) -> float:
+    """Requests vLLM's engine has taken in so far: running, waiting or finished (its Prometheus metrics)."""
+    import httpx
+
+    names = ("vllm:num_requests_running{", "vllm:num_requests_waiting{", "vllm:request_success_total{")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(url + "/metrics", timeout=30).text.splitlines()
+               if line.startswith(names))
+
+
+def _users_change_while_their_requests_wait(url, pm, prompts, eos):
+    """Requests of known, unknown and changing users wait admitted (two run at a time) while, in the store, one user
+    is retrained, one personalized for the first time and one erased; then the same requests again. Each answer is
+    PerFitModel.complete's with the user's shift as it stood when vLLM admitted the request (an erased user's may be
+    the collective shift's: the stated rule), and the stranger, who never has a shift, always gets the collective
+    shift's answer, from blocks cached by others included. Before the fix the worker read the store again at the
+    request's first step, so the newly personalized user's KV was cached under the collective key and served to
+    the stranger."""
+    import concurrent.futures
+    import time as _time
+
+    import httpx
+
+    def shift(seed):
+        st = Shifter(576, pm.cfg.layers, 1, pm.cfg.user_low_rank_dimension, 1, seed=seed, init="loreft").user_state(0)
+        return {k: 3 * v for k, v in st.items()}
+
+    store = pm.store
+    e1, e2, f1, g1 = shift(11), shift(12), shift(13), shift(14)
+    store.put_many({"eve": e1, "gus": g1})
+    store.delete("fay")
+    # in this order, two at a time: the later ones start well after the users changed, fay's before the stranger's
+    order = ("bob", "gus", "eve", "fay", "stranger")
+    who = [u for u in order for _ in prompts]
+    rows = [p for _ in order for p in prompts]
+    before = _reference(pm, rows, who)
+    collective = _reference(pm, rows, ["stranger"] * len(rows))
+    assert all(before[i] != collective[i] for i, u in enumerate(who) if u in ("eve", "gus"))  # the test can tell
+
+    def wait_admitted(n):
+        end = _time.monotonic() + 120
+        while _admitted(url) < n:
+            assert _time.monotonic() < end, "the requests were not all admitted"
+            _time.sleep(0.02)
+
+    def wave(ex):
+        """Two long requests take both places; the others are admitted and wait behind them."""
+        taken = _admitted(url)
+        blockers = [ex.submit(_ask, url, [rows[0]], ["bob"], max_tokens=64, ignore_eos=True) for _ in range(2)]
+        wait_admitted(taken + 2)
+        futs = []
+        for p, u in zip(rows, who):
+            futs.append(ex.submit(_ask, url, [p], [u]))
+            _time.sleep(0.02)
+        wait_admitted(taken + 2 + len(rows))
+        return futs, blockers
+
+    ex = concurrent.futures.ThreadPoolExecutor(2 * len(rows) + 4)
+    futs, blockers = wave(ex)
+    # every request is admitted (the engine counts it running or waiting): now the users change
+    store.put_many({"eve": e2, "fay": f1})
+    store.delete("gus")
+    assert not any(b.done() for b in blockers)  # both places still taken: no request of the wave has started
+    first = [f.result()[0] for f in futs]
+    after = _reference(pm, rows, who)
+    assert all(after[i] != collective[i] for i, u in enumerate(who) if u in ("eve", "fay"))
+    assert any(after[i] != before[i] for i, u in enumerate(who) if u == "eve")  # e1 and e2 answer differently
+    for i, u in enumerate(who):
+        if u == "gus":  # erased while its request waited: its admitted shift if its prefill had it, else collective
+            try:
+                _assert_same([first[i]], [before[i]], eos)
+            except AssertionError:
+                _assert_same([first[i]], [collective[i]], eos)
+        else:
+            _assert_same([first[i]], [before[i]], eos)  # fay: collective; eve: e1; bob and the stranger: as before
+    futs, _ = wave(ex)
+    second = [f.result()[0] for f in futs]
+    ex.shutdown()
+    _assert_same(second, after, eos)  # admitted after the change: eve e2, fay f1, gus and the stranger collective
+    _assert_same([second[i] for i, u in enumerate(who) if u == "stranger"],
+                 [collective[i] for i, u in enumerate(who) if u == "stranger"], eos)

@@ -6,19 +6,22 @@ inert unless `PERFIT_VLLM_RUN_DIR` names a PerFit run (what `perfit serve --engi
     PERFIT_VLLM_RUN_DIR=output/movie_tagging/latest vllm serve <the run's model folder> --enforce-eager
     # a request picks its user with the OpenAI `user` field, or vllm_xargs={"perfit_user": "u0001"}
 
-Users come from the run's user store, read when a request of theirs is first scheduled, so a user personalized or
-forgotten while the server runs gets its new shift (or the collective shift alone) on its next request.
+A request's shift is the version of its user's shift in the run's store when vLLM's engine admits the request, read
+once and carried with it (SamplingParams.extra_args["perfit_shift"]): its prefix-cache keys and the worker's shift
+both follow that one value, so a user personalized, retrained or forgotten while the server runs gets its new state
+on its next request, and no request is ever computed or cached under another version's key.
 """
 from __future__ import annotations
 
 import os
 
-from .bank import USER_KEY, RunInfo, ShiftBank, plan_tokens, user_of
+from .bank import SHIFT_KEY, USER_KEY, RunInfo, ShiftBank, plan_tokens, shift_of, user_of
 
 ENV_RUN_DIR = "PERFIT_VLLM_RUN_DIR"
 ENV_MAX_USERS = "PERFIT_VLLM_MAX_USERS"  # device slots for users' shifts (perfit serve: --max_cached_users)
 
-__all__ = ["ENV_MAX_USERS", "ENV_RUN_DIR", "USER_KEY", "RunInfo", "ShiftBank", "plan_tokens", "register", "user_of"]
+__all__ = ["ENV_MAX_USERS", "ENV_RUN_DIR", "SHIFT_KEY", "USER_KEY", "RunInfo", "ShiftBank", "plan_tokens", "register",
+           "shift_of", "user_of"]
 
 
 def register() -> None:
@@ -30,5 +33,6 @@ def register() -> None:
 
     info = RunInfo.load(run_dir)  # a clear error at start when the folder is not a run
     patches.patch_requests()
+    patches.patch_admission(info)
     patches.patch_block_hashes(info)
     patches.patch_worker(run_dir)

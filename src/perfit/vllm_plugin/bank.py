@@ -22,6 +22,7 @@ from ..shifts import LowRankShift, Shifter, apply_shift, group_sizes, shifted_po
 from ..store import UserStore
 
 USER_KEY = "perfit_user"  # SamplingParams.extra_args / vllm_xargs key naming a request's user
+SHIFT_KEY = "perfit_shift"  # extra_args key the engine sets at admission: the user's shift version ("" for none)
 COLLECTIVE = 0  # slot of P0: users without a stored shift get the collective shift + P0 (PerFitModel.generate's rule)
 
 
@@ -50,20 +51,30 @@ class RunInfo:
         """The version of the user's stored shift (None: unknown user or no user: the collective shift alone)."""
         return None if user is None or self.store is None else self.store.version(user)
 
+    def admit(self, extra_args: dict | None) -> dict:
+        """A request's extra_args with the version of its user's shift fixed, read once, when the engine admits the
+        request: its prefix-cache keys and the worker's shift both follow that one value (`shift_of`)."""
+        extra = dict(extra_args or {})
+        extra[SHIFT_KEY] = self.version(user_of(extra)) or ""
+        return extra
+
     def shifted(self, prompt_len: int) -> list[int]:
         return shifted_positions(prompt_len, self.first, self.last)
 
-    def block_keys(self, user: str | None, prompt_len: int, start: int, end: int) -> list[tuple]:
-        """Prefix-cache keys of the KV block [start, end) of a request: a block that holds a shifted position carries
-        whose shift it was and which positions were shifted, so no other user (nor a prompt of another length, whose
-        last positions lie elsewhere) reuses it; block hashes chain, so every later block differs too. Blocks before
-        the first shifted position carry nothing and are shared by every user."""
+    def block_keys(self, version: str | None, prompt_len: int, start: int, end: int) -> list[tuple]:
+        """Prefix-cache keys of the KV block [start, end) of a request admitted with this shift version: a block that
+        holds a shifted position carries whose shift it was and which positions were shifted, so no request admitted
+        with another version (nor a prompt of another length, whose last positions lie elsewhere) reuses it; block
+        hashes chain, so every later block differs too. Blocks before the first shifted position carry nothing and are
+        shared by every user. Version ids are never reused (UserStore), so blocks left by a request whose version was
+        erased before its prefill (it is then computed with the collective shift, see ShiftBank.acquire) are reused by
+        no later request."""
         nf, nl = group_sizes(prompt_len, self.first, self.last)
         marks = ([f"first{nf}"] if nf and start == 0 else []) + \
                 ([f"last@{prompt_len - nl}"] if nl and start <= prompt_len - nl < end else [])
         if not marks:
-            return []  # most blocks: no store lookup (this runs for every block the scheduler hashes)
-        who = self.version(user) or "collective"
+            return []
+        who = version or "collective"
         return [("perfit", f"{who}:{m}") for m in marks]
 
 
@@ -74,11 +85,17 @@ def user_of(extra_args: dict | None) -> str | None:
     return user or None
 
 
+def shift_of(extra_args: dict | None) -> str | None:
+    """The shift version a request was admitted with (None: the collective shift alone)."""
+    return (extra_args or {}).get(SHIFT_KEY) or None
+
+
 class ShiftBank:
     """The collective shift and up to `capacity` users' personal shifts on the device, as precomputed factors
-    (R, W - R, b) in float32 slots; slot 0 is P0. A slot is keyed by (user, version of its stored shift), so a
-    retrained user gets a fresh slot on its next request and a deleted one falls back to slot 0. Slots in use by a
-    request still in prefill are pinned; the least recently used unpinned slot is reused first."""
+    (R, W - R, b) in float32 slots; slot 0 is P0. A slot is keyed by (user, version of the shift it holds): a request
+    gets the slot of the version it was admitted with, so a retrained user's next request gets a fresh slot and one
+    admitted before the retrain the shift it was admitted with. Slots in use by a request still in prefill are pinned;
+    the least recently used unpinned slot is reused first."""
 
     def __init__(self, collective: Shifter, info: RunInfo, device: torch.device | str, capacity: int = 1024):
         sh, self.info = collective, info
@@ -101,27 +118,27 @@ class ShiftBank:
         self.pins = [0] * (capacity + 1)
         self.free = list(range(capacity, 0, -1))
         self.loads = 0  # shifts read from the store (a metric for the cache's hit rate)
+        self.gone = 0  # requests whose admitted version had left the store before their prefill (erased users)
 
     @classmethod
     def from_run(cls, run_dir: str, device: torch.device | str, capacity: int = 1024) -> "ShiftBank":
         sh, _ = load_collective(os.path.join(run_dir, CKPT))
         return cls(sh, RunInfo.load(run_dir), device, capacity)
 
-    def acquire(self, user: str | None) -> int:
-        """The slot holding the user's current shift, pinned until `release` (slot 0, never pinned: no stored shift)."""
-        if user is None or self.info.store is None:
-            return COLLECTIVE
-        version = self.info.version(user)
-        if version is None:
+    def acquire(self, user: str | None, version: str | None) -> int:
+        """The slot holding the user's shift of the version its request was admitted with, pinned until `release`
+        (slot 0, never pinned: no stored shift). That version is on the device, or in the store (current, or replaced
+        less than RETIRED_KEEP_S ago); when it is gone (the user was erased after the request was admitted, or
+        retrained long before its prefill) the request gets slot 0, the collective shift, never another version."""
+        if user is None or not version or self.info.store is None:
             return COLLECTIVE
         key = (user, version)
         slot = self.slot_of.get(key)
         if slot is None:
-            got = self.info.store.get_versioned(user)
-            if got is None:  # deleted in between
+            tensors = self.info.store.get_version(user, version)
+            if tensors is None:
+                self.gone += 1
                 return COLLECTIVE
-            tensors, version = got
-            key = (user, version)
             slot = self._free_slot()
             self._write(slot, user, tensors)
             self.loads += 1

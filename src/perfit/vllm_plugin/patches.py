@@ -2,12 +2,17 @@
 `vllm.general_plugins` entry point in every process it starts, and each process patches only what runs there:
 
 - API server: `CompletionRequest` / `ChatCompletionRequest.to_sampling_params` copy the OpenAI `user` field into
-  `SamplingParams.extra_args["perfit_user"]` (vLLM does not pass it on; `vllm_xargs` set it directly).
-- scheduler: `generate_block_hash_extra_keys` adds `RunInfo.block_keys`, so a prefix-cache block that holds a shifted
-  position is keyed by whose shift (user and version) made it; blocks before the first shifted position stay shared.
+  `SamplingParams.extra_args["perfit_user"]` (vLLM does not pass it on; `vllm_xargs` set it directly) and refuse a
+  client's own `perfit_shift` (a client must not pick a shift version).
+- engine core: `Request.__init__` (admission) reads the user's shift version from the store once and writes it into
+  `extra_args["perfit_shift"]`, before the request's first block hashes are computed; the version travels to the
+  workers with the request's sampling params.
+- scheduler: `generate_block_hash_extra_keys` adds `RunInfo.block_keys` of the admitted version, so a prefix-cache
+  block that holds a shifted position is keyed by the shift that made it; blocks before the first shifted position
+  stay shared.
 - worker: `load_model` builds the ShiftBank and hooks the run's decoder layers; `_prepare_inputs` plans which tokens
-  of the step's flattened batch to shift; `execute_model` clears the plan whatever happens, so the dummy and profiling
-  passes that vLLM runs outside it are never shifted.
+  of the step's flattened batch to shift, each request with the slot of its admitted version; `execute_model` clears
+  the plan whatever happens, so the dummy and profiling passes that vLLM runs outside it are never shifted.
 
 The hooks are plain Python around eager modules: the plugin needs `enforce_eager=True` (with torch.compile they would
 be traced into one graph and CUDA graphs would replay one step's plan forever).
@@ -21,7 +26,7 @@ import os
 import torch
 
 from . import ENV_MAX_USERS
-from .bank import ShiftBank, StepPlan, layer_hook, plan_tokens, user_of, RunInfo
+from .bank import SHIFT_KEY, RunInfo, ShiftBank, StepPlan, layer_hook, plan_tokens, shift_of, user_of
 
 log = logging.getLogger("perfit.vllm")
 
@@ -46,6 +51,8 @@ def patch_requests() -> None:
             sp = orig(self, *a, **kw)
             extra = dict(sp.extra_args or {})
             user_of(extra)  # a non-string perfit_user is the client's error (a 400)
+            if SHIFT_KEY in extra:
+                raise ValueError(f"{SHIFT_KEY} is set by the server when it admits a request, not by a client")
             if getattr(self, "user", None) and "perfit_user" not in extra:
                 extra["perfit_user"] = self.user
             sp.extra_args = extra or None
@@ -54,6 +61,22 @@ def patch_requests() -> None:
 
     for cls in (CompletionRequest, ChatCompletionRequest):
         _wrap(cls, "to_sampling_params", make)
+
+
+# ---------------------------------------------------------------- engine core: admission
+
+def patch_admission(info: RunInfo) -> None:
+    from vllm.v1.request import Request
+
+    def make(orig):
+        def __init__(self, *a, **kw):
+            sp = kw.get("sampling_params", a[2] if len(a) > 2 else None)
+            if sp is not None:
+                sp.extra_args = info.admit(sp.extra_args)  # before orig: it hashes the first blocks
+            orig(self, *a, **kw)
+        return __init__
+
+    _wrap(Request, "__init__", make)
 
 
 # ---------------------------------------------------------------- scheduler
@@ -72,7 +95,7 @@ def patch_block_hashes(info: RunInfo) -> None:
         sp = request.sampling_params
         if sp is None:
             return keys, nxt
-        mine = info.block_keys(user_of(sp.extra_args), request.num_prompt_tokens, start_token_idx, end_token_idx)
+        mine = info.block_keys(shift_of(sp.extra_args), request.num_prompt_tokens, start_token_idx, end_token_idx)
         if mine:
             keys = tuple(keys or ()) + tuple(mine)
         return keys, nxt
@@ -194,7 +217,8 @@ def _plan(runner, st: WorkerState, num_scheduled_tokens) -> StepPlan | None:
             continue
         if req_id not in st.slot_of_req:
             sp = runner.requests[req_id].sampling_params
-            st.slot_of_req[req_id] = st.bank.acquire(user_of(sp.extra_args if sp is not None else None))
+            extra = sp.extra_args if sp is not None else None
+            st.slot_of_req[req_id] = st.bank.acquire(user_of(extra), shift_of(extra))
         slots.append(st.slot_of_req[req_id])
         if computed[i] + num_scheduled_tokens[i] >= prompt_lens[i]:
             st.prefill_done.append(req_id)
