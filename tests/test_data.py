@@ -169,10 +169,12 @@ def test_convert_official_sample(tmp_path):
     out = convert_lamp("news_categorize", os.path.join(s, "LaMP_22_dev_questions.json"), os.path.join(s, "LaMP_22_dev_outputs.json"),
                        str(tmp_path), others_questions=os.path.join(s, "LaMP_22_train_questions.json"),
                        others_outputs=os.path.join(s, "LaMP_22_train_outputs.json"))
-    assert out["test_users"] == 3 and out["other_users"] > 0
+    train = json.load(open(os.path.join(s, "LaMP_22_train_questions.json")))
+    assert out["test_users"] == 3 and out["other_users"] == len(train) == 4
     td = load_task_data(str(tmp_path), "news_categorize")
     assert td.golds == {"112": "politics", "113": "sports", "114": "crime"}
-    assert all(len(u.profile) > 0 and len(u.query) == 1 for u in td.test_users)
+    dev = {q["id"]: len(q["profile"]) for q in json.load(open(os.path.join(s, "LaMP_22_dev_questions.json")))}
+    assert {u.query[0].id: len(u.profile) for u in td.test_users} == dev and all(len(u.query) == 1 for u in td.test_users)
     assert td.test_users[0].query[0].input.startswith("Which category does this article relate to")
 
 

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -40,7 +41,8 @@ def test_end_to_end_outputs(finished_run):
     assert len(store) == 3 and store.users() == ["u0000", "u0001", "u0002"] and store.verify() == []
     e = store.entry("u0001")
     assert e["items"] == e["examples"] == 4 and len(e["history_digest"]) == 24 and len(e["epoch_losses"]) == 1
-    assert e["final_loss"] == e["epoch_losses"][0] and e["final_loss"] > 0
+    # one epoch of a random tiny model on byte tokens: about the uniform cross-entropy over its 260 tokens
+    assert e["final_loss"] == e["epoch_losses"][0] and abs(e["final_loss"] - math.log(260)) < 0.5
     assert json.load(open(os.path.join(run, "config.json")))["intervene_layer"] == "1;2"
     assert not [f for _, _, fs in os.walk(run) for f in fs if f.startswith(".tmp-")]
 
