@@ -182,6 +182,8 @@ def test_versions_are_never_reused_and_a_replaced_shift_stays_loadable_for_a_whi
     store.put_many(_tensors(sh, ["a", "b"]))
     v1 = store.version("a")
     first = store.get("a")
+    frozen = time.time()  # the retirement and the next write in one millisecond (one run in ten in the full suite)
+    monkeypatch.setattr(st.time, "time", lambda: frozen)
     store.put_many({"a": first})  # the very same tensors again
     v2 = store.version("a")
     assert v1 != v2 and v1.split(".")[0] == v2.split(".")[0]  # same content hash, another write
@@ -189,7 +191,8 @@ def test_versions_are_never_reused_and_a_replaced_shift_stays_loadable_for_a_whi
     assert all(torch.equal(store.get_version("a", v1)[k], first[k]) for k in first)  # retired, still loadable
     assert store.get_version("a", "no-such-version") is None and store.get_version("b", v1) is None
     monkeypatch.setattr(st, "RETIRED_KEEP_S", 0.0)
-    store.put_many({"b": store.get("b")})  # the next write drops what was retired longer ago
+    store.put_many({"b": store.get("b")})  # the next write drops what was retired as long ago as that, or longer
+    monkeypatch.undo()
     assert store.get_version("a", v1) is None and store.get_version("a", v2) is not None
     store.put_many({"a": first})
     assert store.delete("a") is True

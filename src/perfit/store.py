@@ -259,7 +259,7 @@ class UserStore:
             rows.append((uid, blob, sha, json.dumps((info or {}).get(uid, {})), now, f"{sha[:32]}.{secrets.token_hex(6)}"))
         stored = []
         with self._write() as c:
-            c.execute("DELETE FROM retired WHERE retired_at < ?", (now - RETIRED_KEEP_S,))
+            c.execute("DELETE FROM retired WHERE retired_at <= ?", (now - RETIRED_KEEP_S,))
             for k, row in enumerate(rows):
                 uid = row[0]
                 if jobs is not None and uid in jobs:
