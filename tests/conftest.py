@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from perfit.backbone import tiny_llama, tiny_tokenizer
+from perfit.testing import tiny_llama, tiny_tokenizer
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

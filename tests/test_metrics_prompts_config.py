@@ -111,7 +111,7 @@ def test_presets_and_overrides():
         assert (c.oppu_lr, c.oppu_epochs) == (1e-3, 3)  # OPPU trains each user as long as PerFit's stage 2
     c = RunConfig(task_name="news_headline", model_path="/m", user_low_rank_dimension=8, intervene_layer="3;1").resolved()
     assert (c.low_rank_dimension, c.user_low_rank_dimension, c.layers, c.positions) == (32, 8, [1, 3], "l7")
-    assert c.default_run_dir().startswith("lr=32_ulr=8_il=1.3_pl=l7_ep=4_bs=8_seed=42_model=smollm2-135m_")
+    assert c.default_run_dir().startswith("lr=32_ulr=8_il=1.3_pl=l7_ep=4_bs=8_seed=42_model=m_")  # the model's own name
 
 
 def test_the_bundled_model_section_overlays_the_seed_presets_and_flags_beat_both():
@@ -200,7 +200,7 @@ def test_keys_mean_what_they_say():
 
 def test_tiny_tokenizer_ids_are_the_same_in_every_process():
     """Byte b is id 3 + b (tokenizers' ByteLevel alphabet comes in a random order per process)."""
-    from perfit.backbone import tiny_tokenizer
+    from perfit.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     assert tok("hA\u00e9")["input_ids"] == [3 + ord("h"), 3 + ord("A"), 3 + 0xC3, 3 + 0xA9]
@@ -243,3 +243,19 @@ def test_compare_methods_and_reference_are_checked():
         CompareConfig(methods="perfit,opu").method_list()
     with pytest.raises(ConfigError, match=r"--reference zero_shot: not among --methods \(perfit, oppu\)"):
         CompareConfig(methods="perfit,oppu", reference="zero_shot").method_list()
+
+
+def test_depth_relative_layers_resolve_on_each_depth():
+    """Fractions of depth give floor(f * depth), a collision moves up; absolute layers stay as given; the paper's
+    14/32;15/32 is 14;15 on its 32-layer Llama and lands as high on shallower models."""
+    from perfit.config import parse_layer_spec, resolve_layers
+
+    assert resolve_layers("14/32;15/32", 32) == [14, 15] and resolve_layers("14;15", 18) == [14, 15]
+    assert resolve_layers("14/32;15/32;16/32", 18) == [7, 8, 9] and resolve_layers("14/32;15/32", 30) == [13, 14]
+    assert resolve_layers("0.45;0.46", 6) == [2, 3]  # both floor to 2: the second moves up
+    assert resolve_layers("0.5;3", 4) == [2, 3] and str(parse_layer_spec("0.25;1/2")[0]) == "1/4"
+    assert RunConfig(intervene_layer="0.5;0.25").resolved().intervene_layer == "1/4;1/2"  # one spelling per set
+    with pytest.raises(ConfigError, match=r"intervene_layer 0.9;0.95;0.99 gives layers \[3, 4, 5\]: out of range"):
+        resolve_layers("0.9;0.95;0.99", 4)
+    with pytest.raises(ConfigError, match="relative to the model's depth"):
+        RunConfig(intervene_layer="1/2").resolved().layers

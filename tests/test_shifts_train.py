@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from perfit.backbone import check_layers, tiny_llama
+from perfit.backbone import check_layers
+from perfit.testing import tiny_llama
 from perfit.batching import make_batch, shared_prompt_prefix, tokenize_examples
 from perfit.errors import ConfigError
 from perfit.prompts import Example

@@ -126,6 +126,32 @@ def convert_gguf(gguf_path: str, cache_dir: str | None = None) -> str:
     return final
 
 
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.") or "model"
+
+
+def model_name_of(model_path: str = "") -> str:
+    """A model's own short name, without loading it: the bundled model's, a GGUF file's `general.name`
+    ("Gemma 3 270m" -> gemma-3-270m), else the folder's or file's name."""
+    from .tasks import BUNDLED_MODEL
+
+    if not model_path:
+        return BUNDLED_MODEL
+    if model_path.endswith(".gguf") and os.path.isfile(model_path):
+        try:
+            import gguf
+
+            field = gguf.GGUFReader(model_path).fields.get("general.name")
+            if field is not None:
+                return _slug(bytes(field.parts[field.data[0]]).decode("utf-8", "replace"))
+        except Exception:  # noqa: BLE001 - an unreadable header: the file name will do
+            pass
+        return _slug(os.path.basename(model_path).removesuffix(".gguf"))
+    return _slug(os.path.basename(os.path.normpath(model_path)))
+
+
 def resolve_model_path(model_path: str = "") -> str:
     if not model_path:
         return convert_gguf(bundled_gguf_path())
@@ -146,9 +172,14 @@ def freeze(model):
     return model
 
 
+DECODER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers", "layers")
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder blocks of the families that keep them in `model.layers` (Llama, Mistral, Qwen2, Gemma 3)."""
-    for path in ("model.layers", "model.language_model.layers", "layers"):
+    """The decoder blocks, for the families that keep them in `model.layers` (Llama, Mistral, Qwen2/3, Gemma 2/3,
+    Phi-3, OLMo 2, Granite, Cohere: the test matrix of perfit.testing.FAMILIES), in Hugging Face's classes and in
+    vLLM's alike. The one lookup: training, generation and the vLLM plugin use it."""
+    for path in DECODER_PATHS:
         obj = model
         try:
             for part in path.split("."):
@@ -157,7 +188,9 @@ def decoder_layers(model) -> torch.nn.ModuleList:
             continue
         if isinstance(obj, torch.nn.ModuleList):
             return obj
-    raise ConfigError(f"{type(model).__name__}: cannot find its decoder layers (expected model.layers)")
+    raise ConfigError(f"{type(model).__name__}: cannot find its decoder layers (looked for {', '.join(DECODER_PATHS)}); "
+                      f"PerFit shifts decoders that keep their blocks there (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, "
+                      f"OLMo 2, Granite, Cohere)")
 
 
 def text_config(model):
@@ -169,8 +202,44 @@ def has_sliding_window(model) -> bool:
     """Sliding-window attention would need the window re-applied over a spliced KV cache: callers that splice
     cached prefixes fall back to full passes on such models."""
     cfg = text_config(model)
-    return getattr(cfg, "sliding_window", None) is not None or any(
-        "sliding" in str(t) for t in (getattr(cfg, "layer_types", None) or []))
+    types_ = getattr(cfg, "layer_types", None)
+    if types_:  # the per-layer truth where the config has it (Qwen2 keeps a sliding_window it does not use)
+        return any("sliding" in str(t) for t in types_)
+    return getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True) is not False
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states [..., d] as the model's own forward computes them after its LM head (in at least
+    float32): Granite's division by logits_scaling, Cohere's logit_scale, Falcon-H1's lm_head_multiplier, Gemma 2/3's
+    final soft-capping. `check_head` verifies on every model loaded that nothing else is done."""
+    cfg = text_config(model)
+    logits = model.get_output_embeddings()(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if getattr(cfg, "logits_scaling", None):
+        logits = logits / cfg.logits_scaling
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        logits = logits * scale
+    mult = getattr(getattr(model, "model", None), "lm_head_multiplier", None)
+    if isinstance(mult, (int, float)) and not isinstance(mult, bool):
+        logits = logits * mult
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def check_head(model) -> None:
+    """Refuse a model whose forward does more to its logits than `lm_logits` knows: training would then fit other
+    logits than the ones the model generates with. One forward of four tokens."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4]], device=device) % text_config(model).vocab_size
+    ref = model(input_ids=ids).logits[0].float()
+    mine = lm_logits(model, model.get_decoder()(input_ids=ids).last_hidden_state[0]).float()
+    err = float((mine - ref).abs().max())
+    if not err <= 0.02 * float(ref.abs().max()) + 1e-3:
+        raise ConfigError(f"{type(model).__name__}: its forward transforms the LM head's logits in a way PerFit does "
+                          f"not reproduce (largest difference {err:.3g}); training would fit other logits than it "
+                          f"generates with, so this model family is not supported")
 
 
 def check_layers(model, layers: list[int]) -> None:
@@ -187,6 +256,12 @@ def _rmsnorm64(self, x):
     return y * (1.0 + self.weight) if type(self).__name__.startswith("Gemma") else self.weight * y
 
 
+def _layernorm64(self, x):
+    # Cohere's LayerNorm (no bias), without its float32 upcast
+    mean = x.mean(-1, keepdim=True)
+    return self.weight * ((x - mean) * torch.rsqrt((x - mean).pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
 def exact_float64(model):
     """Make a float64 model compute in float64 throughout: transformers' RMSNorm upcasts to float32 whatever the
     model's dtype (it is written for bf16), which re-rounds values that differ by 1e-16 to neighbours 1e-7 apart.
@@ -196,6 +271,8 @@ def exact_float64(model):
     for m in model.modules():
         if type(m).__name__.endswith("RMSNorm"):
             m.forward = types.MethodType(_rmsnorm64, m)
+        elif type(m).__name__ == "CohereLayerNorm":
+            m.forward = types.MethodType(_layernorm64, m)
     return model
 
 
@@ -212,50 +289,10 @@ def load_backbone(model_path: str = "", dtype: str = "auto", cuda_device: int = 
     freeze(model)
     if torch_dtype == torch.float64:
         exact_float64(model)
+    check_head(model)
     cfg = text_config(model)
-    info = BackboneInfo(name or os.path.basename(os.path.normpath(path)), path, len(decoder_layers(model)),
+    info = BackboneInfo(name or model_name_of(model_path), path, len(decoder_layers(model)),
                         int(cfg.hidden_size), str(device), str(torch_dtype).removeprefix("torch."))
     log.info("model %s: %d layers, hidden size %d, %s on %s", info.name, info.num_layers, info.hidden_size,
              info.dtype, info.device)
     return Backbone(model, tok, info)
-
-
-def tiny_llama(num_layers: int = 4, hidden: int = 64, vocab: int = 256, seed: int = 0, arch: str = "llama"):
-    """A tiny randomly initialised model for tests (llama or gemma3 architecture)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    if arch == "llama":
-        from transformers import LlamaConfig
-
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2,
-                          bos_token_id=1, pad_token_id=2, tie_word_embeddings=True)
-    elif arch == "gemma3":
-        from transformers import Gemma3TextConfig
-
-        cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
-                               num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                               max_position_embeddings=512, sliding_window=8, eos_token_id=2, bos_token_id=1,
-                               pad_token_id=0)
-    else:
-        raise ConfigError(arch)
-    return freeze(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
-
-
-def tiny_tokenizer():
-    """A byte-level tokenizer (259 ids: <unk>, <s>, </s>, then the 256 bytes) built offline, for tests."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    # byte b -> id 3 + b, through GPT-2's byte-to-symbol table (ByteLevel.alphabet() comes in a different random
-    # order in every process, which once gave every test session other token ids)
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    symbol = {b: chr(b) for b in printable} | {b: chr(256 + k) for k, b in enumerate(b for b in range(256) if b not in printable)}
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {symbol[b]: 3 + b for b in range(256)}
-    assert set(symbol.values()) == set(pre_tokenizers.ByteLevel.alphabet())
-    t = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    t.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    return _fix_tokenizer(tok)

@@ -116,15 +116,34 @@ class _Skip(nn.Module):
 
 @contextlib.contextmanager
 def skip_lower_layers(model, upto: int):
-    """Run the model from layer `upto` on: feed the cached input of that layer as `inputs_embeds`.
-    The blocks stay in place (only bypassed), so per-layer settings indexed by position still line up."""
+    """Run the model from layer `upto` on: feed the cached input of that layer as the decoder's `inputs_embeds`.
+    The blocks stay in place (only bypassed), so per-layer settings indexed by position still line up. Layer `upto`
+    receives `inputs_embeds` exactly as given: what a decoder does to its input embeddings before its first layer
+    (Granite multiplies them by embedding_multiplier) is not applied to states that went through it already."""
     blocks = decoder_layers(model)
     saved = [blocks[i] for i in range(upto)]
+    given: dict = {}
+
+    def take(module, args, kwargs):
+        given["h"] = kwargs.get("inputs_embeds")
+
+    def feed(module, args, kwargs):
+        h = given.get("h")
+        if h is None:
+            return None
+        if args:
+            return (h,) + tuple(args[1:]), kwargs
+        return args, kwargs | {"hidden_states": h}
+
+    handles = [model.get_decoder().register_forward_pre_hook(take, with_kwargs=True),
+               blocks[upto].register_forward_pre_hook(feed, with_kwargs=True)] if upto > 0 else []
     try:
         for i in range(upto):
             blocks[i] = _Skip(saved[i])
         yield
     finally:
+        for h in handles:
+            h.remove()
         for i in range(upto):
             blocks[i] = saved[i]
 

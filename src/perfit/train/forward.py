@@ -12,19 +12,12 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..backbone import decoder_layers
+from ..backbone import decoder_layers, lm_logits
 from ..batching import TokenizedExample, make_batch, shared_prompt_prefix
 from ..prefix import (cache_kwarg, can_splice, new_cache, pad_left, placeholder_layers, prefix_cache, skip_lower_layers,
                       splice_layout)
 from ..shifts import Shifter, ShiftState, group_sizes, position_index
 from .caches import FrozenPrefix
-
-
-def _logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def target_loss(model, hidden: torch.Tensor, rows: list[TokenizedExample], starts: list[int], weights: list[float]):
@@ -39,7 +32,7 @@ def target_loss(model, hidden: torch.Tensor, rows: list[TokenizedExample], start
         labels += r.ids[r.prompt_len:]
         w += [weights[i]] * n_t
     ri = torch.tensor(rows_i, device=device)
-    logits = _logits_at(model, hidden[ri, torch.tensor(cols, device=device)])
+    logits = lm_logits(model, hidden[ri, torch.tensor(cols, device=device)])
     tok_loss = F.cross_entropy(logits, torch.tensor(labels, device=device), reduction="none")
     loss = (tok_loss * torch.tensor(w, device=device, dtype=tok_loss.dtype)).sum()
     row_sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, ri.cpu(), tok_loss.detach().double().cpu())

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from ..backbone import decoder_layers
 from . import ENV_MAX_USERS
 from .bank import SHIFT_KEY, RunInfo, ShiftBank, StepPlan, layer_hook, plan_tokens, shift_of, user_of
 
@@ -124,14 +125,6 @@ class WorkerState:
         slot = self.slot_of_req.pop(req_id, None)
         if slot is not None:
             self.bank.release(slot)
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", None) or getattr(model, "language_model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise RuntimeError(f"PerFit vLLM plugin: cannot find the decoder layers of {type(model).__name__}")
-    return layers
 
 
 def patch_worker(run_dir: str) -> None:
