@@ -209,7 +209,8 @@ def test_cli_layer_beyond_depth(tiny_model_dir, data, tmp_path, capsys):
     (["--lr", "-0.1"], "--lr must be >= 0"),
     (["--shift_init", "ones"], "--shift_init 'ones': choose from loreft, zero"),
     (["--positions", "x7"], "--positions: positions must look like"),
-    (["--intervene_layer", "a;b"], "--intervene_layer must be ';'-separated integers"),
+    (["--intervene_layer", "a;b"], "--intervene_layer must be ';'-separated layer indices"),
+    (["--intervene_layer", "1.5"], "1.5 is neither a layer index nor a fraction of depth in [0, 1)"),
     (["--dtype", "int8"], "--dtype 'int8': choose from"),
     (["--query_cue", "2"], "--query_cue 2: choose from 0, 1"),
 ])

@@ -56,7 +56,7 @@ class RunConfig:
     data_dir: str = _f("", "Folder holding <task_name>/ in the per-user layout. Empty: generated data under output_dir/data.", DATA)
     output_dir: str = _f("output", "Root of all outputs: <output_dir>/<task_name>/<run_dir_name>/.", ())
     run_dir_name: str = _f("", "Run folder name. Empty: derived from the settings (lr=..._ulr=..._il=..._pl=..._<hash of all settings that change results>).", ())
-    model_name: str = _f("smollm2-135m", "Name of the model in output paths.", ())
+    model_name: str = _f("", "Name of the model in logs, run-dir names and results. Empty: the model's own (a GGUF file's general.name, a folder's name; smollm2-135m for the bundled model).", ())
     model_path: str = _f("", "Local Hugging Face folder or .gguf file. Empty: the bundled SmolLM2-135M-Instruct.", ("model",))
     cuda_device: int = _f(0, "GPU index when CUDA is present; ignored (with a notice) on CPU-only machines.", (), min=0)
     dtype: str = _f("auto", "Backbone dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16 (float64: exact arithmetic, for checks).", ("model",),
@@ -68,7 +68,7 @@ class RunConfig:
     low_rank_dimension: int = _f(-1, "Rank of the collective shift (LRank); 0: no collective shift. -1: task preset.",
                                  ("stage1", "stage2_only"), min=-1)
     user_low_rank_dimension: int = _f(-1, "Rank of each personal shift (ULRank). -1: task preset.", ("stage1", "stage2_only"), min=-1)
-    intervene_layer: str = _f("", "Decoder layers to shift, ';'-separated (e.g. '14;15'). Empty: task preset.", ("stage1", "stage2_only"))
+    intervene_layer: str = _f("", "Decoder layers to shift, ';'-separated: absolute indices ('14;15') or fractions of the model's depth ('14/32;15/32' or '0.44;0.47': layer floor(f * depth), collisions moved up), resolved when the model is loaded. Empty: task preset.", ("stage1", "stage2_only"))
     positions: str = _f("", "Prompt positions to shift: fN, lN or fN+lM. Empty: task preset.", ("stage1", "stage2_only"))
     max_epoch: int = _f(-1, "Epochs of stage 2 (and of stage 1 unless stage1_epochs is set). -1: task preset.",
                         ("users", "stage2_only", "oppu"), min=-1)
@@ -112,6 +112,10 @@ class RunConfig:
             raise ConfigError(f"--task_name: {e}") from None
         p = preset(self.task_name, self.model_path)
         c = dataclasses.replace(self)
+        if not c.model_name:
+            from .backbone import model_name_of
+
+            c.model_name = model_name_of(c.model_path)
         if c.low_rank_dimension < 0:
             c.low_rank_dimension = int(p["low_rank_dimension"])
         if c.user_low_rank_dimension < 0:
@@ -135,7 +139,7 @@ class RunConfig:
             raise ConfigError(f"--user_low_rank_dimension must be >= 1, got {c.user_low_rank_dimension}")
         if c.max_epoch < 1:
             raise ConfigError(f"--max_epoch must be >= 1, got {c.max_epoch}")
-        c.intervene_layer = ";".join(str(l) for l in parse_layers(c.intervene_layer))  # one spelling per layer set
+        c.intervene_layer = ";".join(str(l) for l in parse_layer_spec(c.intervene_layer))  # one spelling per layer set
         try:
             parse_positions(c.positions)
         except ValueError as e:
@@ -155,7 +159,7 @@ class RunConfig:
     def default_run_dir(self) -> str:
         """The seed's readable name plus a hash of every setting that changes the stage-1 checkpoint or the users'
         shifts, so runs that differ in any of them (learning rates included) never share a folder."""
-        il = self.intervene_layer.replace(";", ".")
+        il = self.intervene_layer.replace(";", ".").replace("/", "of")
         return (f"lr={self.low_rank_dimension}_ulr={self.user_low_rank_dimension}_il={il}_pl={self.positions}"
                 f"_ep={self.max_epoch}_bs={self.batch_size}_seed={self.seed}_model={self.model_name}"
                 f"_{artifact_keys(self)['users'][:8]}")
@@ -276,14 +280,56 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def parse_layer_spec(spec: str) -> list:
+    """'14;15' -> [14, 15]; '14/32;0.5' -> [Fraction(7, 16), Fraction(1, 2)] (fractions of the model's depth, in [0, 1));
+    sorted, distinct. Raises ConfigError naming the flag."""
+    from fractions import Fraction
+
+    out = []
+    for x in (x.strip() for x in str(spec).replace(",", ";").split(";")):
+        if not x:
+            continue
+        try:
+            v = int(x) if x.isdigit() else Fraction(x)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"--intervene_layer must be ';'-separated layer indices ('14;15') or fractions of depth "
+                              f"('14/32;15/32', '0.45;0.5'), got {spec!r}") from None
+        if isinstance(v, Fraction) and not 0 <= v < 1:
+            raise ConfigError(f"--intervene_layer {spec!r}: {x} is neither a layer index nor a fraction of depth in [0, 1)")
+        out.append(v)
+    if not out or len(set(out)) != len(out):
+        raise ConfigError(f"--intervene_layer must list distinct layers, got {spec!r}")
+    return sorted(out, key=lambda v: (not isinstance(v, int), v))
+
+
+def is_relative(spec: str) -> bool:
+    return any(not isinstance(v, int) for v in parse_layer_spec(spec))
+
+
+def resolve_layers(spec: str, num_layers: int) -> list[int]:
+    """The absolute layers of a spec on a model of `num_layers` decoder layers: a fraction f is layer floor(f * depth);
+    a layer taken already moves to the next free one above it. Raises ConfigError when they do not fit."""
+    import math
+
+    want = sorted(v if isinstance(v, int) else math.floor(v * num_layers) for v in parse_layer_spec(spec))
+    out: list[int] = []
+    for l in want:
+        l = max(l, out[-1] + 1) if out else l
+        out.append(l)
+    bad = [l for l in out if l >= num_layers]
+    if bad:
+        raise ConfigError(f"intervene_layer {spec} gives layers {out}: out of range, the model has {num_layers} decoder "
+                          f"layers (0..{num_layers - 1})")
+    return out
+
+
 def parse_layers(spec: str) -> list[int]:
-    try:
-        layers = [int(x) for x in str(spec).replace(",", ";").split(";") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--intervene_layer must be ';'-separated integers like '14;15', got {spec!r}") from None
-    if not layers or any(x < 0 for x in layers) or len(set(layers)) != len(layers):
-        raise ConfigError(f"--intervene_layer must list distinct non-negative layers, got {spec!r}")
-    return sorted(layers)
+    """Absolute layers only (a relative spec needs the model: `resolve_layers`)."""
+    layers = parse_layer_spec(spec)
+    if any(not isinstance(v, int) for v in layers):
+        raise ConfigError(f"--intervene_layer {spec!r} is relative to the model's depth; it is resolved once the model "
+                          f"is loaded (PerFitModel)")
+    return layers
 
 
 def read_mapping(path: str, flag: str, what: str) -> dict:

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 
 from .backbone import Backbone, check_layers, load_backbone
 from .batching import tokenize_examples, tokenize_prompt
-from .config import CompareConfig, RunConfig, artifact_keys, check_run_overrides, from_dict, parse_positions, run_fields
+from .config import (CompareConfig, RunConfig, artifact_keys, check_run_overrides, from_dict, is_relative, parse_positions,
+                     resolve_layers, run_fields)
 from .data import DataError, validate_items, write_json_atomic
 from .errors import RunStateError
 from . import dist
@@ -57,6 +58,16 @@ class Generations(list):
     def __init__(self, texts, without_personal_shift=()):
         super().__init__(texts)
         self.without_personal_shift = list(without_personal_shift)
+
+
+def resolve_for_model(cfg: RunConfig, num_layers: int) -> RunConfig:
+    """The config with depth-relative layers (`--intervene_layer 14/32;15/32`) made absolute for this model: what the
+    run dir saves and every key is derived from, so that it reloads and compares as the layers it shifted."""
+    if not is_relative(cfg.intervene_layer):
+        return cfg
+    layers = resolve_layers(cfg.intervene_layer, num_layers)
+    log.info("intervene_layer %s: layers %s of %d", cfg.intervene_layer, ";".join(map(str, layers)), num_layers)
+    return dataclasses.replace(cfg, intervene_layer=";".join(map(str, layers)))
 
 
 def load_run_config(run_dir: str) -> RunConfig:
@@ -142,8 +153,8 @@ def load_collective_from(meta: dict, tensors: dict) -> tuple[Shifter, dict]:
 class PerFitModel:
     def __init__(self, cfg: RunConfig, backbone: Backbone, run_dir: str, fingerprints: dict[str, str] | None = None,
                  prompts_file: str = "", max_cached_users: int = 1024):
-        self.cfg = cfg.resolved()
         self.model, self.tok, self.info = backbone
+        self.cfg = resolve_for_model(cfg.resolved(), self.info.num_layers)
         check_layers(self.model, self.cfg.layers)
         self.run_dir = run_dir
         self.fingerprints = dict(fingerprints or {})
