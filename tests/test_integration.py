@@ -39,3 +39,6 @@ def test_short_run_on_bundled_model(tmp_path, bundled):
     stage1 = [q["stage1"] for u in allres for q in u["query"]]
     assert sum(p in MOVIE_TAGS for p in stage1) >= len(stage1) // 2, stage1
     assert v["perfit"]["trainable_parameters"]["per_user"] == 2 * (2 * 576 * 4 + 4)
+    learning = res["stage1_learning"]  # a real model learns the format: its loss on its own items falls, no warning
+    assert learning["learned"] is True and learning["relative_fall"] > 0.2 and learning["message"] == ""
+    assert "warning" not in pipeline.summary_table(res)

@@ -321,3 +321,23 @@ def test_early_stopping_through_the_pipeline(tiny_model_dir, data, tmp_path):
         assert e["best_epoch"] == min(range(len(e["val_losses"])), key=e["val_losses"].__getitem__)
     # early stopping changes the users' shifts, so it gets a run dir of its own
     assert pipeline.prepare(run_cfg(tiny_model_dir, data, str(tmp_path), max_epoch=3, patience=1)).run_dir != res["run_dir"]
+
+
+def test_a_stage1_that_learns_nothing_says_so(tiny_model_dir, data, tmp_path, capsys, finished_run):
+    """Stage 1's loss on fixed training items, before and after, is recorded; a stage 1 whose loss did not fall (here
+    a learning rate of 0) puts a warning in the summary that names what to try, and results.json says so."""
+    from perfit.model import MIN_FALL
+
+    _, res = finished_run
+    rec = res["stage1_learning"]  # the tiny random model learns little in one epoch: it is said
+    assert rec["probe_examples"] == 12 and rec["loss_after"] < rec["loss_before"]
+    assert rec["relative_fall"] == round(1 - rec["loss_after"] / rec["loss_before"], 4) < MIN_FALL and not rec["learned"]
+    out = str(tmp_path / "o")
+    assert main(["run", "--task_name", "movie_tagging", "--data_dir", data, "--output_dir", out, "--model_path",
+                 tiny_model_dir, "--model_name", "tiny", "--intervene_layer", "1;2", "--low_rank_dimension", "4",
+                 "--user_low_rank_dimension", "2", "--max_epoch", "1", "--batch_size", "4", "--max_length", "512",
+                 "--lr", "0", "--user_lr", "0.01"]) == 0
+    printed = capsys.readouterr().out
+    got = json.load(open(os.path.join(out, "movie_tagging", "latest", "results.json")))["stage1_learning"]
+    assert got["learned"] is False and got["relative_fall"] == 0.0 and got["loss_before"] == got["loss_after"]
+    assert "warning: stage 1 learned little" in printed and "Try a larger --lr (now 0)" in printed

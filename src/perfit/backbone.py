@@ -92,10 +92,31 @@ def _fix_tokenizer(tok):
     return tok
 
 
+def _gguf_field(path: str, key: str) -> str | None:
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get(key)
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+
+
+def gguf_architecture(path: str) -> str:
+    """The architecture a GGUF file declares (general.architecture), or a ConfigError naming the file."""
+    try:
+        arch = _gguf_field(path, "general.architecture")
+    except Exception as e:  # noqa: BLE001 - not a GGUF file, or a damaged one
+        raise ConfigError(f"--model_path {path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    if not arch:
+        raise ConfigError(f"--model_path {path}: the GGUF file declares no general.architecture")
+    return arch
+
+
 def convert_gguf(gguf_path: str, cache_dir: str | None = None) -> str:
     """Convert a GGUF file once to a safetensors folder in the cache. Written to a temporary folder and
-    renamed into place, so a crash mid-way never leaves a half-converted model that later loads."""
+    renamed into place, so a crash mid-way never leaves a half-converted model that later loads. An architecture
+    transformers cannot convert is a ConfigError naming it and the ones it can."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     st = os.stat(gguf_path)
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -103,13 +124,23 @@ def convert_gguf(gguf_path: str, cache_dir: str | None = None) -> str:
     final = os.path.join(root, f"{os.path.basename(gguf_path).removesuffix('.gguf')}-{key}")
     if os.path.isfile(os.path.join(final, "config.json")):
         return final
+    arch = gguf_architecture(gguf_path)
+    known = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+    if arch not in known:
+        raise ConfigError(f"--model_path {gguf_path}: a GGUF file of architecture {arch!r}, which transformers "
+                          f"{transformers.__version__} cannot convert (it converts {', '.join(known)}); convert it to a "
+                          f"Hugging Face folder and pass that folder")
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=root, prefix=".converting-")
     try:
         d, f = os.path.split(os.path.abspath(gguf_path))
-        log.info("converting %s to safetensors (once) in %s", gguf_path, final)
-        tok = _fix_tokenizer(AutoTokenizer.from_pretrained(d, gguf_file=f))
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        log.info("converting %s (%s) to safetensors (once) in %s", gguf_path, arch, final)
+        try:
+            tok = _fix_tokenizer(AutoTokenizer.from_pretrained(d, gguf_file=f))
+            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        except (ValueError, KeyError, NotImplementedError) as e:
+            raise ConfigError(f"--model_path {gguf_path}: converting its {arch!r} GGUF failed in transformers "
+                              f"{transformers.__version__}: {e}") from None
         # the dequantized weights are plain tensors now; a saved quantizer would make reloading ask for gguf again
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -141,11 +172,9 @@ def model_name_of(model_path: str = "") -> str:
         return BUNDLED_MODEL
     if model_path.endswith(".gguf") and os.path.isfile(model_path):
         try:
-            import gguf
-
-            field = gguf.GGUFReader(model_path).fields.get("general.name")
-            if field is not None:
-                return _slug(bytes(field.parts[field.data[0]]).decode("utf-8", "replace"))
+            name = _gguf_field(model_path, "general.name")
+            if name:
+                return _slug(name)
         except Exception:  # noqa: BLE001 - an unreadable header: the file name will do
             pass
         return _slug(os.path.basename(model_path).removesuffix(".gguf"))

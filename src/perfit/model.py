@@ -39,6 +39,7 @@ from .store import UserStore, history_digest, legacy_store_message, save_safeten
 from .store import remove_files as remove_store_files
 from .tasks import get_task
 from .train import TrainStats, train_shifts
+from .train.forward import mean_loss
 from .train.loop import TrainState
 
 log = logging.getLogger("perfit")
@@ -58,6 +59,27 @@ class Generations(list):
     def __init__(self, texts, without_personal_shift=()):
         super().__init__(texts)
         self.without_personal_shift = list(without_personal_shift)
+
+
+PROBE_EXAMPLES = 64
+MIN_FALL = 0.05  # stage 1 "learned" when the loss on its fixed probe items fell by at least this fraction
+
+
+def stage1_learning(before: float | None, after: float | None, n: int, cfg: RunConfig) -> dict:
+    """Whether stage 1 learned: its loss on `n` fixed training items before and after training, and, when it fell by
+    less than MIN_FALL, a message saying so and what to try."""
+    out = {"probe_examples": n, "loss_before": before, "loss_after": after, "min_fall": MIN_FALL}
+    if before is None or after is None or cfg.stage1_epochs == 0:
+        return out | {"relative_fall": None, "learned": True, "message": ""}
+    fall = 1.0 - after / before if before > 0 else 0.0
+    learned = fall >= MIN_FALL
+    msg = "" if learned else (
+        f"stage 1 learned little: its loss on {n} of its training items went from {before:.4f} to {after:.4f} "
+        f"({-100 * fall:+.1f} %, less than a {100 * MIN_FALL:.0f} % fall), so the personal shifts start from a collective "
+        f"shift that does next to nothing. Try a larger --lr (now {cfg.lr:g}) or --stage1_epochs (now "
+        f"{cfg.stage1_epochs}), --shift_init zero, or other layers (--intervene_layer {cfg.intervene_layer}; fractions "
+        f"of depth such as 0.7;0.85 carry across models)")
+    return out | {"relative_fall": round(fall, 4), "learned": learned, "message": msg}
 
 
 def resolve_for_model(cfg: RunConfig, num_layers: int) -> RunConfig:
@@ -266,17 +288,23 @@ class PerFitModel:
                 meta = {"stage1_key": key, "step": str(state.step), "stats": json.dumps(state.stats)}
                 save_safetensors_atomic(partial, state.tensors, meta)
 
+        probe = ex[:: max(1, len(ex) // PROBE_EXAMPLES)][:PROBE_EXAMPLES]  # fixed items, scored before and after
         with sh.attached(self.model):
+            before = mean_loss(self.model, sh, probe, self.tok.pad_token_id, self.first, self.last) if probe else None
             stats = train_shifts(self.model, sh, ex, epochs=c.stage1_epochs, batch_size=c.batch_size, lr=c.lr,
                                  train_collective=True, pad_id=self.tok.pad_token_id, first=self.first, last=self.last,
                                  seed=c.seed, desc=desc, resume=resume, on_epoch=save_partial,
                                  data_parallel=dist.enabled(), **self._train_kw())
+            after = mean_loss(self.model, sh, probe, self.tok.pad_token_id, self.first, self.last) if probe else None
+        learning = stage1_learning(before, after, len(probe), c)
         log.info("%s: %d examples, %d steps, loss by epoch %s, %.1fs", desc, len(ex), stats.steps,
                  [round(x, 4) for x in stats.epoch_losses], stats.seconds)
+        if not learning["learned"]:
+            log.warning("%s", learning["message"])
         meta = {"stage1_key": key, "fingerprints": self.fingerprints, "run_config": run_fields(c),
                 "shift": {"hidden_size": self.info.hidden_size, "layers": c.layers, "low_rank_dimension": c.low_rank_dimension,
                           "user_low_rank_dimension": c.user_low_rank_dimension, "positions": c.positions},
-                "model": dataclasses.asdict(self.info),
+                "model": dataclasses.asdict(self.info), "learning": learning,
                 "examples": len(ex), "train_seconds": stats.seconds, "stats": dataclasses.asdict(stats)}
         if dist.is_main():
             self._write_checkpoint(sh, meta)

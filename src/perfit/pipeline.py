@@ -244,7 +244,8 @@ def write_outputs(exp: Experiment, pm: PerFitModel, preds: dict) -> dict:
     stored = pm.store.entries()
     s2 = sum(stored.get(u.user_id, {}).get("train_seconds", 0.0) for u in exp.data.test_users)
     sh = pm.collective
-    results = {"task": task.name, "run_dir": run, "model": dataclasses.asdict(pm.info), "variants": {}}
+    results = {"task": task.name, "run_dir": run, "model": dataclasses.asdict(pm.info), "variants": {},
+               "stage1_learning": pm.stage1_meta.get("learning")}
     train_s = {"zero_shot": 0.0, "stage1": s1, "perfit": s1 + s2}
     for v, p in preds.items():
         results["variants"][v] = {
@@ -273,9 +274,11 @@ def write_outputs(exp: Experiment, pm: PerFitModel, preds: dict) -> dict:
 def summary_table(results: dict) -> str:
     first = next(iter(results["variants"].values()))
     keys = ["accuracy", "f1"] if "accuracy" in first["metrics"] else ["rouge-1", "rouge-L"]
-    return (f"{results['task']}: " + " | ".join(f"{v} " + "/".join(f"{r['metrics'][k]:.3f}" for k in keys)
-                                               for v, r in results["variants"].items())
+    line = (f"{results['task']}: " + " | ".join(f"{v} " + "/".join(f"{r['metrics'][k]:.3f}" for k in keys)
+                                                for v, r in results["variants"].items())
             + f"  ({'/'.join(keys)}, n={first['queries']})")
+    learning = results.get("stage1_learning") or {}
+    return line + (f"\nwarning: {learning['message']}" if learning.get("message") else "")
 
 
 def link_latest(run_dir: str) -> None:

@@ -120,3 +120,15 @@ def forward_loss(model, shifter: Shifter, rows: list[TokenizedExample], weights:
         else:
             hidden, starts = _forward_full(model, shifter, rows, pad_id, first, last, lower, low_layer)
     return target_loss(model, hidden, rows, starts, weights)
+
+
+@torch.no_grad()
+def mean_loss(model, shifter: Shifter, rows: list[TokenizedExample], pad_id: int, first: int, last: int,
+              max_rows: int = 32) -> float:
+    """Mean target-token loss of `rows` under the shifter's current state (each row with its own module)."""
+    total, n = 0.0, 0
+    for s in range(0, len(rows), max_rows):
+        part = rows[s: s + max_rows]
+        _, sums, toks = forward_loss(model, shifter, part, [0.0] * len(part), pad_id, first, last, None, min(shifter.layers))
+        total, n = total + float(sums.sum()), n + sum(toks)
+    return total / max(n, 1)
