@@ -138,7 +138,7 @@ def test_rerun_reuses_finished_methods(done, caplog):
 
 def test_cli_compare_isolated_headlines(tiny_model_dir, data, tmp_path, capsys):
     out = str(tmp_path / "o")
-    args = ["compare", "--task_name", "news_headline", "--data_dir", data, "--output_dir", out, "--model_path", tiny_model_dir,
+    args = ["compare", "--task_name", "news_headline", "--data_dir", data, "--output_dir", out, "--model_path", tiny_model_dir, "--preset", "paper",
             "--model_name", "tiny", "--intervene_layer", "1;2", "--methods", "user_majority,zero_shot", "--max_length", "512"]
     assert main(args) == 0
     md = capsys.readouterr().out
@@ -169,7 +169,9 @@ def test_user_majority_and_bm25():
     assert retrieval.majority_answer(h, hist, q) == "Bake better bread"
     idx = retrieval.UserIndex(h, hist)
     assert [it["id"] for it in idx.top("senate budget vote", 2)][0] == "1"
-    p = retrieval.rag_prompt(h, "QUERY", idx.top("bread and marathon heat", 2), item_words=3)
+    from perfit.tasks import templates
+
+    p = retrieval.rag_prompt(templates("news_headline"), "QUERY", idx.top("bread and marathon heat", 2), item_words=3)
     assert p.endswith(". QUERY") and p.count('" is the title for "') == 2 and ", and " in p
     assert '"A recipe for"' in p or '"Marathon runners braved"' in p  # fields cut to 3 words
 

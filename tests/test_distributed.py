@@ -17,7 +17,7 @@ EXACT = dict(rtol=1e-9, atol=1e-12)
 
 
 def _args(out, tiny_model_dir, data):
-    return ["run", "--task_name=movie_tagging", f"--data_dir={data}", f"--output_dir={out}", f"--model_path={tiny_model_dir}",
+    return ["run", "--task_name=movie_tagging", f"--data_dir={data}", f"--output_dir={out}", f"--model_path={tiny_model_dir}", "--preset=paper",
             "--model_name=tiny", "--dtype=float64", "--intervene_layer=1;2", "--low_rank_dimension=4",
             "--user_low_rank_dimension=2", "--max_epoch=1", "--stage1_epochs=2", "--batch_size=4", "--max_length=512",
             "--user_group_size=1", "--lr=0.01", "--user_lr=0.01"]

@@ -97,17 +97,17 @@ def test_clean_prediction():
     assert clean_prediction("\n\n A headline\nmore") == "A headline"  # instruct models often open with a newline
 
 
-SEED_PRESETS = {  # the paper's, as published: what any model without its own section gets (Llama-2-7B)
+SEED_PRESETS = {  # the paper's, as published (Llama-2-7B): --preset paper
     "movie_tagging": (32, 4, [14, 15], "f7+l7", 4), "news_categorize": (16, 32, [14, 15, 16], "f7+l7", 6),
     "news_headline": (32, 4, [14, 15, 16], "l7", 4)}
 
 
 def test_presets_and_overrides():
     for task, want in SEED_PRESETS.items():
-        c = RunConfig(task_name=task, model_path="/models/llama-2-7b").resolved()
+        c = RunConfig(task_name=task, model_path="/models/llama-2-7b", preset="paper").resolved()
         assert (c.low_rank_dimension, c.user_low_rank_dimension, c.layers, c.positions, c.max_epoch) == want
         assert (c.stage1_epochs, c.user_lr, c.shift_init, c.early_stopping, c.lr) == (want[4], 2e-3, "loreft", 0, 2e-3)
-        c = CompareConfig(task_name=task, model_path="/m", max_epoch=3).resolved()
+        c = CompareConfig(task_name=task, model_path="/m", max_epoch=3, preset="paper").resolved()
         assert (c.oppu_lr, c.oppu_epochs) == (1e-3, 3)  # OPPU trains each user as long as PerFit's stage 2
     c = RunConfig(task_name="news_headline", model_path="/m", user_low_rank_dimension=8, intervene_layer="3;1").resolved()
     assert (c.low_rank_dimension, c.user_low_rank_dimension, c.layers, c.positions) == (32, 8, [1, 3], "l7")
@@ -139,7 +139,7 @@ def test_the_bundled_model_section_overlays_the_seed_presets_and_flags_beat_both
 # a valid other value for every field: a new field must be added here, with what it affects declared in config.py
 ALTERNATIVE = {
     "task_name": "news_headline", "data_dir": "d2", "output_dir": "o2", "run_dir_name": "r2", "model_name": "m2",
-    "model_path": "/m2", "cuda_device": 1, "dtype": "bfloat16", "seed": 7, "batch_size": 4, "eval_batch_size": 8,
+    "model_path": "/m2", "preset": "paper", "cuda_device": 1, "dtype": "bfloat16", "seed": 7, "batch_size": 4, "eval_batch_size": 8,
     "low_rank_dimension": 8, "user_low_rank_dimension": 8, "intervene_layer": "3", "positions": "l3", "max_epoch": 2,
     "stage1_epochs": 1, "shift_init": "zero", "lr": 1e-3, "user_lr": 1e-3, "early_stopping": 2, "patience": 3, "max_users": 3, "max_stage1_examples": 10,
     "holdout": 2, "max_history": 5, "query_cue": 0, "max_field_words": 10, "max_length": 300, "rows_per_pass": 64,
@@ -259,3 +259,19 @@ def test_depth_relative_layers_resolve_on_each_depth():
         resolve_layers("0.9;0.95;0.99", 4)
     with pytest.raises(ConfigError, match="relative to the model's depth"):
         RunConfig(intervene_layer="1/2").resolved().layers
+
+
+def test_any_other_model_gets_the_transferable_recipe_with_depth_relative_layers():
+    """--preset auto on a model that is not the bundled one: the any_model section over the seed's, its layers as
+    fractions of depth that give the paper's layers on the paper's 32-layer model."""
+    from perfit.config import resolve_layers
+    from perfit.tasks import _packaged_json
+
+    data = _packaged_json("presets.json")
+    for task in SEED_PRESETS:
+        c = CompareConfig(task_name=task, model_path="/models/any").resolved()
+        for k, v in (data[task] | data["any_model"][task]).items():
+            assert getattr(c, k) == (v if k != "intervene_layer" else c.intervene_layer), (task, k)
+        assert resolve_layers(c.intervene_layer, 32) == SEED_PRESETS[task][2]  # the paper's layers on its model
+    with pytest.raises(ConfigError, match="--preset 'mine': choose from auto, paper"):
+        RunConfig(preset="mine").resolved()

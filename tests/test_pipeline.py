@@ -187,14 +187,14 @@ def test_cli_run_bad_data_exits_nonzero_and_writes_nothing(tiny_model_dir, data,
     users[1]["profile"][2]["tag"] = "horror"
     json.dump(users, open(bad / "movie_tagging" / "user_top_100_history.json", "w"))
     out = tmp_path / "out"
-    rc = main(["run", "--task_name=movie_tagging", f"--data_dir={bad}", f"--output_dir={out}", f"--model_path={tiny_model_dir}"])
+    rc = main(["run", "--task_name=movie_tagging", f"--data_dir={bad}", f"--output_dir={out}", f"--model_path={tiny_model_dir}", "--preset=paper"])
     assert rc == 2
     assert "user 'u0001' profile item 2: field 'tag' value 'horror'" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_cli_layer_beyond_depth(tiny_model_dir, data, tmp_path, capsys):
-    rc = main(["run", "--task_name", "movie_tagging", "--data_dir", data, "--output_dir", str(tmp_path), "--model_path", tiny_model_dir,
+    rc = main(["run", "--task_name", "movie_tagging", "--data_dir", data, "--output_dir", str(tmp_path), "--model_path", tiny_model_dir, "--preset", "paper",
                "--intervene_layer", "2;9"])
     assert rc == 2 and "the model has 4 decoder layers" in capsys.readouterr().err
 
@@ -243,7 +243,7 @@ def test_overlap_between_test_and_training_data_is_an_error(tiny_model_dir, data
     others[1]["user_id"] = test[0]["user_id"]
     json.dump(others, open(d / "movie_tagging" / "user_others.json", "w"))
     out = tmp_path / "out"
-    args = ["run", f"--data_dir={tmp_path / 'leaky'}", f"--output_dir={out}", f"--model_path={tiny_model_dir}",
+    args = ["run", f"--data_dir={tmp_path / 'leaky'}", f"--output_dir={out}", f"--model_path={tiny_model_dir}", "--preset=paper",
             "--intervene_layer=1;2", "--max_length=512", "--max_epoch=1"]
     assert main(args) == 2
     err = capfd.readouterr().err
@@ -253,7 +253,7 @@ def test_overlap_between_test_and_training_data_is_an_error(tiny_model_dir, data
     assert not os.path.exists(out / "movie_tagging")  # nothing trained or written
     # compare runs each method in its own process: the same one message from there, and exit 2, no traceback
     cmp_out = tmp_path / "cmp"
-    assert main(["compare", f"--data_dir={tmp_path / 'leaky'}", f"--output_dir={cmp_out}", f"--model_path={tiny_model_dir}",
+    assert main(["compare", f"--data_dir={tmp_path / 'leaky'}", f"--output_dir={cmp_out}", f"--model_path={tiny_model_dir}", "--preset=paper",
                  "--intervene_layer=1;2", "--max_length=512", "--max_epoch=1", "--methods=user_majority,stage1"]) == 2
     err = capfd.readouterr().err
     assert "test data overlaps the training data" in err and "Traceback" not in err
@@ -334,7 +334,7 @@ def test_a_stage1_that_learns_nothing_says_so(tiny_model_dir, data, tmp_path, ca
     assert rec["relative_fall"] == round(1 - rec["loss_after"] / rec["loss_before"], 4) < MIN_FALL and not rec["learned"]
     out = str(tmp_path / "o")
     assert main(["run", "--task_name", "movie_tagging", "--data_dir", data, "--output_dir", out, "--model_path",
-                 tiny_model_dir, "--model_name", "tiny", "--intervene_layer", "1;2", "--low_rank_dimension", "4",
+                 tiny_model_dir, "--preset", "paper", "--model_name", "tiny", "--intervene_layer", "1;2", "--low_rank_dimension", "4",
                  "--user_low_rank_dimension", "2", "--max_epoch", "1", "--batch_size", "4", "--max_length", "512",
                  "--lr", "0", "--user_lr", "0.01"]) == 0
     printed = capsys.readouterr().out

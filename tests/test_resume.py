@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def _run(out, tiny_model_dir, data, fault=None):
     args = [sys.executable, "-m", "perfit.cli", "run", "--task_name=movie_tagging", f"--data_dir={data}",
-            f"--output_dir={out}", f"--model_path={tiny_model_dir}", "--model_name=tiny", "--intervene_layer=1;2",
+            f"--output_dir={out}", f"--model_path={tiny_model_dir}", "--preset=paper", "--model_name=tiny", "--intervene_layer=1;2",
             "--low_rank_dimension=4", "--user_low_rank_dimension=2", "--max_epoch=1", "--stage1_epochs=3",
             "--batch_size=4", "--max_length=512", "--user_group_size=1", "--lr=0.01", "--user_lr=0.01"]
     env = dict(os.environ) | ({"PERFIT_FAULT": fault} if fault else {})

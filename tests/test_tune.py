@@ -45,7 +45,7 @@ def test_two_trials_on_held_out_history(tiny_model_dir, data, tmp_path, caplog):
 
 @pytest.mark.slow
 def test_a_killed_tune_resumes(tiny_model_dir, data, tmp_path):
-    args = [sys.executable, "-m", "perfit", "tune", f"--data_dir={data}", f"--model_path={tiny_model_dir}",
+    args = [sys.executable, "-m", "perfit", "tune", f"--data_dir={data}", f"--model_path={tiny_model_dir}", "--preset=paper",
             f"--output_dir={tmp_path / 't'}", "--trials=2", "--holdout=1", f"--space={_space(tmp_path)}"] + \
         [f"--{k}={v}" for k, v in TINY_RUN.items()]
     env = {k: v for k, v in os.environ.items() if k != "PERFIT_FAULT"}

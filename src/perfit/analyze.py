@@ -74,12 +74,17 @@ def spectrum(M: torch.Tensor, k: int = 10) -> dict:
 
 
 def preference_distance(a: dict, b: dict) -> float:
-    """Between two users of the generated data's manifest: Spearman's footrule between their label preference orders
-    (classification), or the number of style traits that differ (headlines)."""
+    """Between two users of the generated data's manifest: Spearman's footrule between their preference orders
+    (labels, citation fields), the difference of their rating biases, or the number of style traits that differ
+    (headlines, titles, tweets)."""
     if "preference" in a:
         ra, rb = {l: i for i, l in enumerate(a["preference"])}, {l: i for i, l in enumerate(b["preference"])}
         return float(sum(abs(ra[l] - rb[l]) for l in ra))
-    return float(sum(a["style"][k] != b["style"][k] for k in a["style"]))
+    if "bias" in a:
+        return float(abs(a["bias"] - b["bias"]))
+    traits = a.get("style", {k: v for k, v in a.items() if k != "test"})
+    other = b.get("style", {k: v for k, v in b.items() if k != "test"})
+    return float(sum(traits[k] != other[k] for k in traits))
 
 
 def analyze(pm: PerFitModel, users, output_dir: str, manifest: dict | None = None) -> dict:
@@ -92,7 +97,8 @@ def analyze(pm: PerFitModel, users, output_dir: str, manifest: dict | None = Non
     label_of = {}
     for uid in vec["users"]:
         items = by_id[uid].profile
-        label_of[uid] = Counter(str(it[task.target_field]) for it in items).most_common(1)[0][0] if task.is_classification else ""
+        label_of[uid] = Counter(str(it[task.target_field]) for it in items).most_common(1)[0][0] \
+            if task.has_labels and task.labelled_items else ""
     res = {"task": task.name, "run_dir": pm.run_dir, "users": len(vec["users"]), "layers": pm.collective.layers,
            "total": spectrum(vec["total"]), "personal": spectrum(vec["personal"]),
            "cosine_to_collective": {"mean": float(cos.mean()), "min": float(cos.min()), "max": float(cos.max()),

@@ -78,10 +78,11 @@ def _user_majority(exp, cfg) -> dict:
 
     t0 = time.perf_counter()
     preds = []
+    task = exp.data.task
     for u in exp.data.test_users:
         items = pipeline.history_items(exp.cfg, u)
-        index = None if exp.data.task.is_classification else retrieval.UserIndex(exp.data.task, items)
-        preds += [retrieval.majority_answer(exp.data.task, items, q.input, index) for q in u.query]
+        index = None if task.has_labels else retrieval.UserIndex(task, items)
+        preds += [retrieval.majority_answer(task, items, q.input, index, exp.builder.options(q.input)) for q in u.query]
     return _record(exp, "user_majority", preds, generate_seconds_per_query=(time.perf_counter() - t0) / len(preds))
 
 
@@ -99,7 +100,7 @@ def _rag(exp, cfg) -> dict:
     prompts = []
     for u in exp.data.test_users:
         index = retrieval.UserIndex(task, pipeline.history_items(exp.cfg, u))
-        prompts += [retrieval.rag_prompt(task, pm.builder.query_prompt(q.input), index.top(q.input, cfg.rag_k), cfg.rag_item_words)
+        prompts += [retrieval.rag_prompt(pm.builder.tpl, pm.builder.query_prompt(q.input), index.top(q.input, cfg.rag_k), cfg.rag_item_words)
                     for q in u.query]
     preds, gen_s = _timed_generate(pm, exp, prompts, raw=True, variant="zero_shot", desc="rag")
     return _record(exp, "rag", preds, pm.device, generate_seconds_per_query=gen_s,
@@ -318,15 +319,10 @@ def save_record(cfg: CompareConfig, method: str, rec: dict, fps: dict) -> dict:
     return rec
 
 
-def _metric_keys(records: dict) -> list[str]:
-    m = next(iter(records.values()))["metrics"]
-    return ["accuracy", "f1"] if "accuracy" in m else ["rouge-1", "rouge-L"]
-
-
 def default_reference(task) -> str:
-    """The method others are measured against when none is named: the no-model label prior for classification, the
-    frozen model for headlines."""
-    return "user_majority" if task.is_classification else "zero_shot"
+    """The method others are measured against when none is named: the no-model per-user baseline where answers
+    come from a closed set (labels, scores), the frozen model for free text."""
+    return "user_majority" if task.has_labels else "zero_shot"
 
 
 def _reference(cfg: CompareConfig, task, records: dict) -> str | None:
@@ -342,7 +338,7 @@ def write_report(cfg: CompareConfig, records: dict, exp) -> dict:
     exceeds about twice its standard error)."""
     out = cfg.output_dir
     task = exp.data.task
-    keys = _metric_keys(records)
+    keys = metrics.report_keys(task)
     ref = _reference(cfg, task, records)
     table = {m: {k: v for k, v in r.items() if k not in ("predictions", "key")} for m, r in records.items()}
     if ref:
@@ -358,7 +354,7 @@ def write_report(cfg: CompareConfig, records: dict, exp) -> dict:
     vs = [f"{keys[0]} − {ref}"] if ref else []
     lines = [f"**{cfg.task_name}**: {any_rec['users']} users, {any_rec['queries']} queries, model {doc['model']}, "
              f"device {device}. ± is one standard error over queries" + (f"; `{ref}` is the reference of the paired "
-             "differences." if ref else "."), "",
+             "differences." if ref else ".") + (f" {keys[0]}: lower is better." if task.lower_is_better else ""), "",
              f"| method | {' | '.join([keys[0] + ' ± se'] + keys[1:] + vs)} | params / user | params shared | bytes / user "
              "| train s shared | train s / user | gen s / query | peak MiB |", "|---|" + "---:|" * (len(keys) + len(vs) + 7)]
     for m, r in records.items():

@@ -52,12 +52,14 @@ PRESET_FALLBACKS = {"user_lr": 2e-3, "shift_init": "loreft", "early_stopping": 0
 
 @dataclass
 class RunConfig:
-    task_name: str = _f("movie_tagging", "LaMP task: movie_tagging, news_categorize or news_headline.", DATA)
+    task_name: str = _f("movie_tagging", "LaMP task: citation (LaMP-1), movie_tagging (2M), news_categorize (2N), product_rating (3), news_headline (4), scholarly_title (5) or tweet_paraphrase (7).", DATA)
     data_dir: str = _f("", "Folder holding <task_name>/ in the per-user layout. Empty: generated data under output_dir/data.", DATA)
     output_dir: str = _f("output", "Root of all outputs: <output_dir>/<task_name>/<run_dir_name>/.", ())
     run_dir_name: str = _f("", "Run folder name. Empty: derived from the settings (lr=..._ulr=..._il=..._pl=..._<hash of all settings that change results>).", ())
     model_name: str = _f("", "Name of the model in logs, run-dir names and results. Empty: the model's own (a GGUF file's general.name, a folder's name; smollm2-135m for the bundled model).", ())
     model_path: str = _f("", "Local Hugging Face folder or .gguf file. Empty: the bundled SmolLM2-135M-Instruct.", ("model",))
+    preset: str = _f("auto", "Where settings left at -1 / empty come from: auto (the bundled model's tuned section, or for any other model the recipe that transfers, with depth-relative layers) or paper (the paper's presets for Llama-2-7B, as published).",
+                 ("stage1", "stage2_only", "task_lora", "oppu"), choices=("auto", "paper"))
     cuda_device: int = _f(0, "GPU index when CUDA is present; ignored (with a notice) on CPU-only machines.", (), min=0)
     dtype: str = _f("auto", "Backbone dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16 (float64: exact arithmetic, for checks).", ("model",),
                     choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "float64"))
@@ -110,7 +112,7 @@ class RunConfig:
             task = get_task(self.task_name)
         except ValueError as e:
             raise ConfigError(f"--task_name: {e}") from None
-        p = preset(self.task_name, self.model_path)
+        p = preset(self.task_name, self.model_path, self.preset)
         c = dataclasses.replace(self)
         if not c.model_name:
             from .backbone import model_name_of

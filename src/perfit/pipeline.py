@@ -19,7 +19,7 @@ from .backbone import Backbone, load_backbone
 from .config import RunConfig, check_run_overrides
 from .data import DataError, OverlapCheck, Query, TaskData, User, data_fingerprint, load_task_data, write_json_atomic
 from .data.synthetic import generate
-from .errors import RunStateError
+from .errors import ConfigError, RunStateError
 from .model import CKPT, USERS, VARIANTS, PerFitModel, load_collective_from, load_run_config
 from .prompts import Example, PromptBuilder
 
@@ -76,7 +76,12 @@ def ensure_data(cfg: RunConfig) -> str:
 def holdout_split(td: TaskData, builder: PromptBuilder, n: int) -> TaskData:
     """Tuning data that never touches the test queries: each test user's last n history items become its queries
     (prompted like history, gold = the item's answer) and the items before them its history. Users with no more
-    than n items are left out."""
+    than n items are left out. A task whose items carry no answer from its label set (citation: a paper is not a
+    [1] / [2] question) has no held-out queries to make."""
+    if td.task.has_labels and not td.task.labelled_items:
+        raise ConfigError(f"--holdout: {td.task.name}'s history items carry no answer of its own ({', '.join(td.task.labels)}), "
+                          f"so they make no held-out queries; tune on the task's other users or on a task whose items "
+                          f"are answered")
     users, golds = [], {}
     for u in td.test_users:
         if len(u.profile) <= n:
@@ -272,8 +277,10 @@ def write_outputs(exp: Experiment, pm: PerFitModel, preds: dict) -> dict:
 
 
 def summary_table(results: dict) -> str:
+    from .tasks import get_task
+
     first = next(iter(results["variants"].values()))
-    keys = ["accuracy", "f1"] if "accuracy" in first["metrics"] else ["rouge-1", "rouge-L"]
+    keys = metrics.report_keys(get_task(results["task"]))
     line = (f"{results['task']}: " + " | ".join(f"{v} " + "/".join(f"{r['metrics'][k]:.3f}" for k in keys)
                                                 for v, r in results["variants"].items())
             + f"  ({'/'.join(keys)}, n={first['queries']})")

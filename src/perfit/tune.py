@@ -131,7 +131,8 @@ def tune(tc: TuneConfig) -> dict:
     sampler = _sampler(tc, space)  # a space the sampler cannot take is refused before anything is written
     os.makedirs(tc.output_dir, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=f"{tc.task_name}-{tc.method}", direction="maximize", sampler=sampler,
+    direction = "minimize" if get_task(tc.task_name).lower_is_better else "maximize"  # MAE for ratings
+    study = optuna.create_study(study_name=f"{tc.task_name}-{tc.method}", direction=direction, sampler=sampler,
                                 storage=f"sqlite:///{os.path.join(tc.output_dir, 'tune.db')}", load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # cut short by a kill: counted as failed, not repeated

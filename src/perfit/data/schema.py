@@ -166,7 +166,7 @@ def validate_items(items: list, where: str, task: Task) -> list[str]:
             item_ids.add(iid)
         for key in task.item_fields:
             v = _check_str(problems, w, item, key, allow_empty=(key != task.target_field))
-            if v is not None and task.is_classification and key == task.target_field and v not in task.labels:
+            if v is not None and task.labelled_items and task.has_labels and key == task.target_field and v not in task.labels:
                 problems.append(f"{w}: field {key!r} value {v!r} is not one of the task's {len(task.labels)} labels")
     return problems
 
@@ -211,7 +211,7 @@ def _validate_user(raw: Any, idx: int, path: str, task: Task, role: str, problem
         if not isinstance(gold, str):
             problems.append(f"{w} (id {qid!r}): field 'gold' must be a string, got {type(gold).__name__}")
             gold = ""
-        elif gold and task.is_classification and gold not in task.labels:
+        elif gold and task.has_labels and gold not in task.labels:
             problems.append(f"{w} (id {qid!r}): field 'gold' value {gold!r} is not one of the task's labels")
         if inp is not None:
             queries.append(Query(qid, inp, gold))
@@ -273,7 +273,7 @@ def load_golds(path: str, task: Task | None = None) -> tuple[str, dict[str, str]
             continue
         if gid in golds:
             problems.append(f"{w}: duplicate id {gid!r}")
-        if task is not None and task.is_classification and out not in task.labels:
+        if task is not None and task.has_labels and out not in task.labels:
             problems.append(f"{w} (id {gid!r}): field 'output' value {out!r} is not one of the task's labels")
         golds[gid] = out
     if problems:
@@ -341,7 +341,7 @@ def summarize(td: TaskData, others: Iterator[User] | None = None) -> dict:
         "history_items": sum(items),
         "history_per_user_min_median_max": [min(items), sorted(items)[len(items) // 2], max(items)] if items else [],
     }
-    if td.task.is_classification:
+    if td.task.has_labels:
         summary["gold_labels"] = dict(Counter(td.golds[q.id] for u in td.test_users for q in u.query).most_common())
     if others is not None:
         n_users = n_examples = 0
