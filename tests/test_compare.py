@@ -199,7 +199,8 @@ def test_a_run_dir_compare_made_reloads_as_a_run(tiny_model_dir, data, tmp_path)
     compare's perfit row did; a run dir an older compare wrote, with compare's own fields too, still loads."""
     from perfit import pipeline
     from perfit.config import RunConfig
-    from perfit.model import CONFIG_FILE, PerFitModel, load_run_config
+    from perfit.model import PerFitModel
+    from perfit.rundir import CONFIG_FILE, load_run_config
 
     cfg = _cfg(tiny_model_dir, data, str(tmp_path / "c"), methods="perfit")  # its own folder: other tests rerun `done`'s
     cmp.compare(cfg)

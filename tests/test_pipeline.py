@@ -326,7 +326,7 @@ def test_early_stopping_through_the_pipeline(tiny_model_dir, data, tmp_path):
 def test_a_stage1_that_learns_nothing_says_so(tiny_model_dir, data, tmp_path, capsys, finished_run):
     """Stage 1's loss on fixed training items, before and after, is recorded; a stage 1 whose loss did not fall (here
     a learning rate of 0) puts a warning in the summary that names what to try, and results.json says so."""
-    from perfit.model import MIN_FALL
+    from perfit.train.stages import MIN_FALL
 
     _, res = finished_run
     rec = res["stage1_learning"]  # the tiny random model learns little in one epoch: it is said

@@ -290,7 +290,7 @@ def test_generate_refuses_an_over_long_input_and_health_shows_no_paths(run):
 def test_a_user_changed_by_another_process_is_served_its_new_state(run):
     """`perfit personalize` / `perfit forget` (or a second server) on the same run: the embedded engine's cache of
     shifts follows the store's version of each user, read once per batch."""
-    from perfit.model import forget_user, run_store
+    from perfit.rundir import forget_user, run_store
 
     pm = PerFitModel.from_run(run, dtype="float64")
     ask = lambda: pm.complete([Completion("u0001", pm.prompt_ids([QUERY])[0], pm.task.max_new_tokens, task=True)])[0]  # noqa: E731
@@ -310,7 +310,7 @@ def test_a_user_changed_by_another_process_is_served_its_new_state(run):
 def test_an_erasure_by_another_process_removes_the_queued_history(run, tmp_path, fault):
     """The history a server accepted is queued in the run's store: `perfit forget` removes it with the user, and the
     server holding the job does not store the user afterwards (before the fix it trained and stored it)."""
-    from perfit.model import forget_user
+    from perfit.rundir import forget_user
 
     gate = Gate(tmp_path)
     fault(gate.spec("engine.train"))
@@ -395,7 +395,7 @@ def test_the_stage1_checkpoint_is_old_or_new_at_every_moment(run, fault):
     import dataclasses
 
     from perfit.faults import InjectedFault
-    from perfit.model import CKPT, load_collective
+    from perfit.rundir import CKPT, load_collective
 
     pm = PerFitModel.from_run(run, dtype="float64")
     old = {k: v.clone() for k, v in pm.collective.state_dict().items()}

@@ -3,7 +3,6 @@ presets.json, its generator), and every command works on each. Metrics and per-u
 worked out by hand; each new task runs end to end on the tiny model."""
 import json
 import math
-import os
 from collections import Counter
 
 import pytest

@@ -347,8 +347,6 @@ def _users_change_while_their_requests_wait(url, pm, prompts, eos):
     import concurrent.futures
     import time as _time
 
-    import httpx
-
     def shift(seed):
         st = Shifter(576, pm.cfg.layers, 1, pm.cfg.user_low_rank_dimension, 1, seed=seed, init="loreft").user_state(0)
         return {k: 3 * v for k, v in st.items()}

@@ -17,7 +17,7 @@ from collections import Counter
 import torch
 
 from .batching import make_batch
-from .data import write_json_atomic
+from .data import atomic_path, write_json_atomic
 from .errors import RunStateError
 from .model import PerFitModel
 from .prefix import capture_layer_outputs
@@ -148,9 +148,9 @@ def _plot(res: dict, vec: dict, cos: torch.Tensor, labels: list[str], path: str)
         ax[2].legend(fontsize=6, loc="best")
     fig.suptitle(f"{res['task']}: {res['users']} users' shifts, layers {res['layers']}")
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def analyze_run(run_dir: str, output_dir: str, max_users: int = 0) -> dict:

@@ -90,11 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-data", help="generate LaMP-format data with known per-user preferences")
     p.add_argument("--task_name", required=True, choices=list(TASKS))
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--num_users", type=int, default=20)
-    p.add_argument("--history_per_user", type=int, default=20)
-    p.add_argument("--queries_per_user", type=int, default=5)
-    p.add_argument("--num_other_users", type=int, default=12)
-    p.add_argument("--seed", type=int, default=42)
+    run_defaults = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for name in ("num_users", "history_per_user", "queries_per_user", "num_other_users", "seed"):
+        f = run_defaults[name]  # the same defaults as the data `perfit run` generates
+        p.add_argument(f"--{name}", type=int, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
     p = sub.add_parser("convert-lamp", help="convert official LaMP questions/outputs to the per-user layout")
     p.add_argument("--task_name", required=True, choices=list(TASKS))
     p.add_argument("--questions", required=True)
@@ -137,7 +136,7 @@ def _read_histories(path: str) -> dict[str, list]:
 
 def _store_command(args) -> int:
     from .errors import RunStateError
-    from .model import USERS, load_run_config, run_store
+    from .rundir import USERS, load_run_config, run_store
     from .store import UserStore
 
     if args.action == "import":
@@ -221,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             pm = PerFitModel.from_run(args.run_dir, device=args.device or None)
             print(json.dumps(pm.personalize(histories), indent=1))
         elif args.command == "forget":
-            from .model import forget_user
+            from .rundir import forget_user
 
             print(json.dumps({"user_id": args.user_id, "removed": forget_user(args.run_dir, args.user_id)}))
         elif args.command == "serve":

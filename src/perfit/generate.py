@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 
 from .batching import make_batch, shared_prompt_prefix
-from .prefix import cache_kwarg, can_splice, prefix_cache, splice_layout
+from .prefix import cache_kwarg, can_splice, splice_shared_prefix
 from .progress import progress
 from .prompts import clean_prediction
-from .shifts import Shifter, ShiftState, group_sizes, position_index
+from .shifts import Shifter, ShiftState
 
 
 @lru_cache(maxsize=8)
@@ -47,26 +47,43 @@ def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: 
         with (shifter.active(state) if shifter is not None else contextlib.nullcontext()):
             res = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=True, **keep)
         return res, b.attention_mask, b.position_ids[:, -1:]
-    nf = group_sizes(len(prompts[0]), first, 0)[0]
-    # the prefix depends on the user only when a personal shift acts inside it
-    groups = sorted(set(users)) if shifter is not None and users is not None and nf > 0 else None
-    g_of = {u: g for g, u in enumerate(groups or [])}
-    cache = prefix_cache(model, prompts[0][:Lp], groups, shifter, nf, use_collective)
-    cache.reorder_cache(torch.tensor([g_of[u] for u in users] if groups else [0] * B, device=device))
     sufs = [p[Lp:] for p in prompts]
-    lay = splice_layout([Lp] * B, [len(s) for s in sufs])
+    sp = splice_shared_prefix(model, prompts[0][:Lp], [len(p) for p in prompts], [len(s) for s in sufs], users, shifter,
+                              first, last, use_collective)
     b = make_batch(sufs, [len(s) for s in sufs], users if users is not None else [0] * B, pad_id, 0, 0)
-    state = None
-    if shifter is not None and last > 0:
-        # the last group lies wholly in the suffix (shared_prompt_prefix guarantees it)
-        sidx, svalid = position_index([len(p) for p in prompts], [o - Lp for o in lay.offsets], 0, last)
-        state = ShiftState(sidx.to(device), svalid.to(device), b.users.to(device) if users is not None else None, lay.S,
-                           use_collective)
-    mask, pos = lay.mask.to(device), lay.position_ids.to(device)
-    with (shifter.active(state) if state is not None else contextlib.nullcontext()):
+    mask, pos = sp.layout.mask.to(device), sp.layout.position_ids.to(device)
+    with (shifter.active(sp.state) if sp.state is not None else contextlib.nullcontext()):
         res = model(input_ids=b.input_ids.to(device), attention_mask=mask, position_ids=pos, use_cache=True, **keep,
-                    **{cache_kwarg(model): cache})
+                    **{cache_kwarg(model): sp.cache})
     return res, mask, pos[:, -1:]
+
+
+@dataclass
+class Completion:
+    """One request to `PerFitModel.complete`."""
+    user_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    task: bool = False  # True: a task answer (ends at its first line, cleaned); False: a raw completion (EOS ends it)
+    on_token: Callable[[int], bool | None] | None = None  # each token as generated; True ends the answer there
+
+
+@dataclass
+class CompletionResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" or "length"
+    personal_shift: bool
+    shift_version: str | None = None  # the stored shift that answered (UserStore.version), None: the stage-1 shifts
+
+
+class Generations(list):
+    """Generated texts in input order; `without_personal_shift` names the users that had no stored shift and got
+    the stage-1 shifts (the collective shift and the initial personal shift P0 every user starts from)."""
+
+    def __init__(self, texts, without_personal_shift=()):
+        super().__init__(texts)
+        self.without_personal_shift = list(without_personal_shift)
 
 
 @dataclass

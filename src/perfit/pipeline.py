@@ -17,10 +17,11 @@ from safetensors.torch import load, save
 from . import dist, metrics
 from .backbone import Backbone, load_backbone
 from .config import RunConfig, check_run_overrides
-from .data import DataError, OverlapCheck, Query, TaskData, User, data_fingerprint, load_task_data, write_json_atomic
+from .data import DataError, OverlapCheck, Query, TaskData, User, data_fingerprint, latest, load_task_data, write_json_atomic
 from .data.synthetic import generate
 from .errors import ConfigError, RunStateError
-from .model import CKPT, USERS, VARIANTS, PerFitModel, load_collective_from, load_run_config
+from .model import VARIANTS, PerFitModel
+from .rundir import CKPT, USERS, load_collective_from, load_run_config
 from .prompts import Example, PromptBuilder
 
 log = logging.getLogger("perfit")
@@ -99,7 +100,7 @@ def holdout_split(td: TaskData, builder: PromptBuilder, n: int) -> TaskData:
 
 def history_items(cfg: RunConfig, user: User) -> list[dict]:
     """The history a user's personal stage (and the history baselines) use: its latest max_history items."""
-    return user.profile[-cfg.max_history:] if cfg.max_history > 0 else user.profile
+    return latest(user.profile, cfg.max_history)
 
 
 def prepare(cfg: RunConfig, run_dir: str | None = None) -> Experiment:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .backbone import decoder_layers, has_sliding_window, text_config
-from .shifts import Shifter, ShiftState
+from .shifts import Shifter, ShiftState, group_sizes, position_index
 
 
 def can_splice(model) -> bool:
@@ -157,6 +157,26 @@ def placeholder_layers(model, cache, upto: int, rows: int, length: int, like: to
         cache.update(z, z, i)
 
 
+def rows_cache(model, keys: list[list[torch.Tensor]], values: list[list[torch.Tensor]], low: int, like: torch.Tensor):
+    """A cache holding each row's own cached prefix (keys[b][l - low]: [heads, P_b, head_dim] for layers low..),
+    left-padded to the longest; the layers below `low` get placeholders (they are bypassed)."""
+    device = like.device
+    B, n_layers = len(keys), len(decoder_layers(model))
+    Pm = max(k[0].shape[-2] for k in keys)
+    cache = new_cache(model)
+    placeholder_layers(model, cache, low, B, Pm, like)
+    for l in range(low, n_layers):
+        ref = keys[0][l - low]
+        k = torch.zeros(B, ref.shape[0], Pm, ref.shape[-1], dtype=like.dtype, device=device)
+        v = torch.zeros_like(k)
+        for b in range(B):
+            P = keys[b][l - low].shape[-2]
+            k[b, :, Pm - P:] = keys[b][l - low].to(device)
+            v[b, :, Pm - P:] = values[b][l - low].to(device)
+        cache.update(k, v, l)
+    return cache
+
+
 def prefix_state(groups: list[int] | None, nf: int, length: int, use_collective: bool, device) -> ShiftState | None:
     """The shift state of a prefix pass: its first `nf` positions shifted, one row per user of `groups` (None: no
     personal shift, one row)."""
@@ -204,6 +224,36 @@ def prefix_cache(model, prefix: list[int], groups: list[int] | None, shifter: Sh
         for l in range(low):
             cache.update(shared.layers[l].keys.expand(G, -1, -1, -1), shared.layers[l].values.expand(G, -1, -1, -1), l)
     return cache
+
+
+@dataclass
+class SplicedPrefix:
+    """A shared prompt prefix run once (once per user when a shift acts inside it), ready for the rows' suffixes."""
+    cache: object  # the prefix's keys/values, one row per batch row
+    layout: "SpliceLayout"  # the rows' columns: prefix, gap, own suffix
+    state: ShiftState | None  # the shift of the suffixes (the last positions lie wholly in them), None: no shift
+
+
+def splice_shared_prefix(model, prefix: list[int], prompt_lens: list[int], suffix_lens: list[int],
+                         users: list[int] | None, shifter: Shifter | None, first: int, last: int,
+                         use_collective: bool = True, lower_h: torch.Tensor | None = None) -> SplicedPrefix:
+    """The one way training and generation share a prefix: its keys/values (per user where the first shifted
+    positions fall inside it, `users[i]` being row i's personal module), copied to every row, the layout that
+    puts each row's suffix after it, and the shift state of the suffixes' last positions."""
+    device = next(model.parameters()).device
+    B, Lp = len(prompt_lens), len(prefix)
+    nf = group_sizes(prompt_lens[0], first, 0)[0]  # the same for every row (shared_prompt_prefix checks it)
+    groups = sorted(set(users)) if shifter is not None and users is not None and nf > 0 else None
+    g_of = {u: g for g, u in enumerate(groups or [])}
+    cache = prefix_cache(model, prefix, groups, shifter, nf, use_collective, lower_h=lower_h)
+    cache.reorder_cache(torch.tensor([g_of[u] for u in users] if groups else [0] * B, device=device))
+    lay = splice_layout([Lp] * B, suffix_lens)
+    state = None
+    if shifter is not None and last > 0:
+        sidx, svalid = position_index(prompt_lens, [o - Lp for o in lay.offsets], 0, last)
+        state = ShiftState(sidx.to(device), svalid.to(device),
+                           torch.tensor(users, device=device) if users is not None else None, lay.S, use_collective)
+    return SplicedPrefix(cache, lay, state)
 
 
 @dataclass

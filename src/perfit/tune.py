@@ -3,7 +3,7 @@ TPE search), every trial scored on each test user's held-out last `--holdout` hi
 
 Optuna runs the search and keeps it in `<output_dir>/tune.db` (SQLite), so a killed tune resumes where it stopped
 (a trial cut short counts as failed and is not repeated). A trial runs one `perfit compare` method through
-`compare.run_method`; trials that differ only in stage-2 settings reuse the stage-1 checkpoint of an earlier trial.
+`baselines.methods.run_method`; trials that differ only in stage-2 settings reuse the stage-1 checkpoint of an earlier trial.
 Writes `tune.json` (every trial, with its paired difference from a reference method run once on the same held-out
 items), `tune.png` (the score against each setting) and `best_config.json` (the best settings, with holdout off:
 `perfit compare --config best_config.json` runs them on the test queries)."""
@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from .config import METHODS, CompareConfig, ConfigError, _f, read_mapping, to_dict
-from .data import write_json_atomic
+from .data import atomic_path, write_json_atomic
 from .metrics import paired_difference, primary_metric
 from .tasks import get_task
 
@@ -118,7 +118,8 @@ def tune(tc: TuneConfig) -> dict:
     import optuna
 
     from . import pipeline
-    from .compare import run_method, save_record, saved_record
+    from .baselines.methods import run_method
+    from .compare import save_record, saved_record
 
     if tc.holdout <= 0:
         raise ConfigError("--holdout must be > 0: trials are scored on each test user's held-out last history items, "
@@ -171,7 +172,7 @@ def tune(tc: TuneConfig) -> dict:
 def reference_method(tc: TuneConfig) -> str | None:
     if tc.reference == "none":
         return None
-    from .compare import default_reference
+    from .report import default_reference
 
     ref = tc.reference or default_reference(get_task(tc.task_name))
     if ref not in METHODS or ref == tc.method:
@@ -233,6 +234,6 @@ def _plot(trials, space: dict, path: str, title: str, ref_line: tuple[str, float
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)

@@ -5,7 +5,6 @@ OPPU's own code never resets its per-user training list (user i trains on users 
 from the same initial adapter with a fresh optimizer and sees only its own items."""
 from __future__ import annotations
 
-import random
 import time
 
 import torch
@@ -14,6 +13,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from ..progress import progress
 from ..batching import TokenizedExample, make_batch
 from ..train.forward import target_loss
+from ..train.optim import user_batches
 
 
 def lora_config(rank: int, alpha: int, targets: str) -> LoraConfig:
@@ -50,12 +50,8 @@ def train_lm(model, examples: list[TokenizedExample], *, epochs: int, batch_size
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     device = params[0].device
-    rng = random.Random(f"{seed}:{key}")
-    steps, losses = [], []
-    for _ in range(epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        steps += [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    steps = [b for _, b in user_batches(range(len(examples)), epochs, batch_size, seed, key)]
+    losses = []
     t0 = time.perf_counter()
     model.train(False)  # no dropout; LoRA dropout is 0 anyway
     bar = progress(steps, desc=desc, leave=False)

@@ -91,6 +91,11 @@ def atomic_path(path: str, suffix: str = ""):
         raise
 
 
+def latest(items: list, max_history: int) -> list:
+    """A user's latest `max_history` history items (0: all): what its personal stage and every per-user baseline see."""
+    return items[-max_history:] if max_history > 0 else items
+
+
 def write_json_atomic(path: str, obj: Any, indent: int | None = 1) -> None:
     with atomic_path(path, ".json") as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=indent)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import threading
@@ -24,6 +23,7 @@ from ..config import ServeConfig
 from ..data import DataError, validate_items
 from ..errors import ConfigError
 from ..model import PerFitModel
+from .auth import api_key_for
 from .engine import Engine, EngineDead, GenRequest, Overloaded, ShuttingDown, WorkerError
 from .schemas import USER_ID, USER_ID_RULE, ChatCompletionRequest, CompletionRequest, GenerateRequest, HistoryRequest
 
@@ -53,26 +53,6 @@ class Metrics:
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def read_api_key(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            key = f.read().strip()
-    except OSError as e:
-        raise ConfigError(f"--api_key_file {path}: {e.strerror}") from None
-    if len(key) < 16:
-        raise ConfigError(f"--api_key_file {path}: the key must have at least 16 characters")
-    return key
 
 
 class _BodyTooLarge(Exception):
@@ -376,9 +356,7 @@ def serve(sc: ServeConfig) -> int:
 
     if not sc.run_dir:
         raise ConfigError("--run_dir is required")
-    api_key = read_api_key(sc.api_key_file) if sc.api_key_file else None
-    if api_key is None and not is_loopback(sc.host):
-        raise ConfigError(f"--host {sc.host}: listening beyond loopback requires --api_key_file")
+    api_key = api_key_for(sc.host, sc.api_key_file)
     pm = PerFitModel.from_run(sc.run_dir, device=sc.device or None, dtype=sc.dtype or None,
                               max_cached_users=sc.max_cached_users)
     fatal: list[str] = []

@@ -32,8 +32,10 @@ def launch(run_dir: str, *args: str, lifetime: float = 300, timeout: float = 120
 
 def start(argv: list[str], port: int, health: str = "/healthz", timeout: float = 120, env: dict | None = None,
           what: str = "perfit serve", new_session: bool = False):
-    """Start a server command listening on loopback `port`, its output in a log file; wait until `health` answers."""
-    import httpx
+    """Start a server command listening on loopback `port`, its output in a log file; wait until `health` answers
+    (the standard library's HTTP client: this runs outside tests too)."""
+    import urllib.error
+    import urllib.request
 
     fd, log_path = tempfile.mkstemp(prefix="perfit-serve-", suffix=".log")
     with os.fdopen(fd, "w") as out:
@@ -45,9 +47,10 @@ def start(argv: list[str], port: int, health: str = "/healthz", timeout: float =
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}: {open(log_path).read()[-3000:]}")
         try:
-            if httpx.get(url + health, timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
+            with urllib.request.urlopen(url + health, timeout=1) as r:
+                if r.status == 200:
+                    return proc, url
+        except (urllib.error.URLError, OSError):
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"{what} did not answer on {url} within {timeout:.0f} s; its output: {log_path}")

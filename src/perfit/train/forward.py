@@ -12,11 +12,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..backbone import decoder_layers, lm_logits
+from ..backbone import lm_logits
 from ..batching import TokenizedExample, make_batch, shared_prompt_prefix
-from ..prefix import (cache_kwarg, can_splice, new_cache, pad_left, placeholder_layers, prefix_cache, skip_lower_layers,
-                      splice_layout)
-from ..shifts import Shifter, ShiftState, group_sizes, position_index
+from ..prefix import cache_kwarg, can_splice, pad_left, rows_cache, skip_lower_layers, splice_layout, splice_shared_prefix
+from ..shifts import Shifter, ShiftState, position_index
 from .caches import FrozenPrefix
 
 
@@ -48,19 +47,9 @@ def _decoder(model, shifter: Shifter, state: ShiftState, low: int | None, **kw) 
 def _forward_frozen_prefix(model, shifter: Shifter, rows: list[TokenizedExample], pres: list[FrozenPrefix], low: int,
                            last: int):
     device = next(model.parameters()).device
-    B, n_layers = len(rows), len(decoder_layers(model))
     lay = splice_layout([p.P for p in pres], [len(r.ids) - p.P for r, p in zip(rows, pres)])
-    Pm = max(p.P for p in pres)
     like = pres[0].suffix_states.to(device)
-    cache = new_cache(model)
-    placeholder_layers(model, cache, low, B, Pm, like)
-    for l in range(low, n_layers):
-        k = torch.zeros(B, *pres[0].keys[0].shape[:1], Pm, pres[0].keys[0].shape[-1], dtype=like.dtype, device=device)
-        v = torch.zeros_like(k)
-        for b, p in enumerate(pres):
-            k[b, :, Pm - p.P:] = p.keys[l - low].to(device)
-            v[b, :, Pm - p.P:] = p.values[l - low].to(device)
-        cache.update(k, v, l)
+    cache = rows_cache(model, [p.keys for p in pres], [p.values for p in pres], low, like)
     sidx, svalid = position_index([r.prompt_len for r in rows], [o - p.P for o, p in zip(lay.offsets, pres)], 0, last)
     state = ShiftState(sidx.to(device), svalid.to(device), torch.tensor([r.module for r in rows], device=device), lay.S)
     hidden = _decoder(model, shifter, state, low, inputs_embeds=pad_left([p.suffix_states for p in pres], lay.S, 0, like),
@@ -72,14 +61,10 @@ def _forward_frozen_prefix(model, shifter: Shifter, rows: list[TokenizedExample]
 def _forward_shared_prefix(model, shifter: Shifter, rows: list[TokenizedExample], Lp: int, pad_id: int, first: int,
                            last: int, lower: list[torch.Tensor] | None, low: int):
     device = next(model.parameters()).device
-    nf = group_sizes(rows[0].prompt_len, first, 0)[0]  # the same for every row (shared_prompt_prefix checks it)
-    groups = sorted({r.module for r in rows}) if nf > 0 else None
-    cache = prefix_cache(model, rows[0].ids[:Lp], groups, shifter, nf, lower_h=None if lower is None else lower[0][:Lp])
-    g_of = {u: g for g, u in enumerate(groups or [])}
-    cache.reorder_cache(torch.tensor([g_of.get(r.module, 0) for r in rows], device=device))
-    lay = splice_layout([Lp] * len(rows), [len(r.ids) - Lp for r in rows])
-    sidx, svalid = position_index([r.prompt_len for r in rows], [o - Lp for o in lay.offsets], 0, last)
-    state = ShiftState(sidx.to(device), svalid.to(device), torch.tensor([r.module for r in rows], device=device), lay.S)
+    sp = splice_shared_prefix(model, rows[0].ids[:Lp], [r.prompt_len for r in rows], [len(r.ids) - Lp for r in rows],
+                              [r.module for r in rows], shifter, first, last,
+                              lower_h=None if lower is None else lower[0][:Lp])
+    lay, state, cache = sp.layout, sp.state, sp.cache
     if lower is not None:
         inputs = {"inputs_embeds": pad_left([h[Lp:] for h in lower], lay.S, 0, lower[0].to(device))}
     else:

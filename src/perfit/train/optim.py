@@ -66,14 +66,19 @@ def schedule(examples: list[TokenizedExample], epochs: int, batch_size: int, see
     by_user: dict[int, list[int]] = {}
     for i, ex in enumerate(examples):
         by_user.setdefault(ex.module, []).append(i)
-    per_user: list[list[tuple[int, int, list[int]]]] = []
-    for u, idx in sorted(by_user.items()):
-        rng = random.Random(f"{seed}:{examples[idx[0]].key}")
-        steps = []
-        for e in range(epochs):
-            order = idx[:]
-            rng.shuffle(order)
-            steps += [(u, e, order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
-        per_user.append(steps)
+    per_user = [[(u, e, b) for e, b in user_batches(idx, epochs, batch_size, seed, examples[idx[0]].key)]
+                for u, idx in sorted(by_user.items())]
     n = max((len(s) for s in per_user), default=0)
     return [[s[k] for s in per_user if k < len(s)] for k in range(n)]
+
+
+def user_batches(items: list, epochs: int, batch_size: int, seed: int, key: str) -> list[tuple[int, list]]:
+    """One user's batches over `epochs`, as (epoch, batch): the items reshuffled each epoch by a generator seeded with
+    (seed, the user's id) alone. PerFit's batched loop and the per-user LoRA baselines both order a user's data so."""
+    rng = random.Random(f"{seed}:{key}")
+    out: list[tuple[int, list]] = []
+    for e in range(epochs):
+        order = list(items)
+        rng.shuffle(order)
+        out += [(e, order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
+    return out

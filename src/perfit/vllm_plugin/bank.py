@@ -17,7 +17,7 @@ import torch
 
 from ..config import parse_positions
 from ..errors import RunStateError
-from ..model import CKPT, load_collective, load_run_config, store_path
+from ..rundir import CKPT, load_collective, load_run_config, store_path
 from ..shifts import LowRankShift, Shifter, apply_shift, group_sizes, shifted_positions
 from ..store import UserStore
 

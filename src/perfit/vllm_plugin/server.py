@@ -11,7 +11,7 @@ import sys
 from ..backbone import resolve_model_path
 from ..config import ServeConfig, parse_positions
 from ..errors import ConfigError
-from ..model import load_run_config
+from ..rundir import load_run_config
 from . import ENV_MAX_USERS, ENV_RUN_DIR
 
 CPU_KV_CACHE = "2G"  # vLLM on CPUs otherwise reserves 92 % of the machine's memory for its KV cache
@@ -19,7 +19,7 @@ CPU_KV_CACHE = "2G"  # vLLM on CPUs otherwise reserves 92 % of the machine's mem
 
 def vllm_command(sc: ServeConfig) -> tuple[list[str], dict[str, str]]:
     """The vLLM server's command line and environment for this ServeConfig (no process started)."""
-    from ..serve.app import is_loopback, read_api_key
+    from ..serve.auth import api_key_for
 
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("--engine vllm: vLLM is not installed (pip install 'perfit[vllm]'; on CPUs scripts/setup.sh "
@@ -29,9 +29,7 @@ def vllm_command(sc: ServeConfig) -> tuple[list[str], dict[str, str]]:
     dtype = sc.dtype or cfg.dtype
     if dtype == "float64":
         raise ConfigError("--dtype float64: vLLM serves float32, bfloat16 or float16")
-    api_key = read_api_key(sc.api_key_file) if sc.api_key_file else None
-    if api_key is None and not is_loopback(sc.host):
-        raise ConfigError(f"--host {sc.host}: listening beyond loopback requires --api_key_file")
+    api_key = api_key_for(sc.host, sc.api_key_file)
     extra = shlex.split(sc.vllm_args)
     argv = _server_entry() + [resolve_model_path(cfg.model_path), "--served-model-name", sc.served_model_name, "--host", sc.host, "--port", str(sc.port),
             "--dtype", dtype, "--enforce-eager", "--max-model-len", str(cfg.max_length),
