@@ -48,6 +48,13 @@ def test_every_method_runs_and_is_reported(done):
         label = next(it["tag"] for it in reversed(u.profile) if c[it["tag"]] == best)
         want |= {q.id: label for q in u.query}
     assert json.load(open(os.path.join(cfg.output_dir, "methods", "user_majority.json")))["predictions"] == want
+    # "always the most frequent label" by hand: over the other users' history tags and gold query answers
+    others = json.load(open(exp.data.others_path))
+    c = Counter([it["tag"] for u in others for it in u["profile"]] + [q["gold"] for u in others for q in u["query"]])
+    labels = exp.data.task.labels
+    best = max(labels, key=lambda lab: (c[lab], -labels.index(lab)))
+    glob_rec = json.load(open(os.path.join(cfg.output_dir, "methods", "global_majority.json")))
+    assert glob_rec["predictions"] == {q: best for q in want} and glob_rec["settings"]["counts"][best] == c[best] > 0
     out = cfg.output_dir
     md = open(os.path.join(out, "comparison.md")).read()
     assert all(f"| {m} |" in md for m in METHODS)
@@ -80,7 +87,7 @@ def test_parameter_counts_match_hand_computed(done):
     lora_per_layer = 8 * (64 + 64) + 8 * (64 + 32)  # q: A 8x64, B 64x8; v: A 8x64, B 32x8
     assert m["oppu"]["params_per_user"] == 4 * lora_per_layer and m["oppu"]["params_shared"] == 4 * lora_per_layer
     assert m["task_lora"]["params_per_user"] == 0 and m["task_lora"]["params_shared"] == 4 * lora_per_layer
-    for k in ("user_majority", "zero_shot", "rag"):
+    for k in ("user_majority", "global_majority", "zero_shot", "rag"):
         assert m[k]["params_per_user"] == m[k]["params_shared"] == 0 and m[k]["bytes_per_user"] == 0
     # bytes on disk: fp32 tensors plus a safetensors header
     assert 4 * layers * shift(2) < m["perfit"]["bytes_per_user"] < 4 * layers * shift(2) + 4096
@@ -153,6 +160,9 @@ def test_cli_compare_isolated_headlines(tiny_model_dir, data, tmp_path, capsys):
     assert f"{rec['metrics']['rouge-1']:.3f}" in md.split("| zero_shot |")[1].split("\n")[0]
     assert 1e-4 < rec["generate_seconds_per_query"] < 30
     assert main(args[:-4] + ["--methods", "user_majority,nonsense"]) == 2
+    # free text has no label to answer always: named, refused; the default list leaves it out
+    assert main(args[:-4] + ["--methods", "global_majority"]) == 2
+    assert "global_majority" not in CompareConfig(task_name="news_headline").method_list()
 
 
 def test_user_majority_and_bm25():

@@ -204,14 +204,19 @@ def test_run_compare_and_serve_each_new_task(tiny_model_dir, new_data, tmp_path,
     keys = metrics.report_keys(get_task(task))
     assert set(res["variants"]) == {"zero_shot", "stage1", "perfit"}
     assert all(set(keys) <= set(v["metrics"]) and v["queries"] == 6 for v in res["variants"].values())
-    doc = compare.compare(CompareConfig(**base, output_dir=str(tmp_path / "cmp"), isolate=0,
-                                        methods="user_majority,zero_shot,rag,stage1,perfit"))
-    assert list(doc["methods"]) == ["user_majority", "zero_shot", "rag", "stage1", "perfit"]
+    labelled = get_task(task).has_labels
+    methods = ["user_majority"] + ["global_majority"] * labelled + ["zero_shot", "rag", "stage1", "perfit"]
+    doc = compare.compare(CompareConfig(**base, output_dir=str(tmp_path / "cmp"), isolate=0, methods=",".join(methods)))
+    assert list(doc["methods"]) == methods
     td = load_task_data(new_data, task)
     golds = {q.id: td.golds[q.id] for u in td.test_users for q in u.query}
+    u0q = td.test_users[0].query[0].id
     for m, r in doc["methods"].items():
         preds = json.load(open(tmp_path / "cmp" / "methods" / f"{m}.json"))["predictions"]
         assert r["metrics"] == metrics.evaluate(td.task, golds, preds), m
+    if labelled:  # one answer for every query, a label of the task
+        g = json.load(open(tmp_path / "cmp" / "methods" / "global_majority.json"))["predictions"]
+        assert len(set(g.values())) == 1 and g[u0q] in get_task(task).labels
     md = open(tmp_path / "cmp" / "comparison.md").read()
     assert f"| {keys[0]} ± se |" in md and (("lower is better" in md) == (task == "product_rating"))
     pm = PerFitModel.from_run(res["run_dir"])

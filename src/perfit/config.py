@@ -197,10 +197,10 @@ def check_fields(cfg) -> None:
             raise ConfigError(f"--{f.name} {v!r}: choose from {shown}")
 
 
-METHODS = ("user_majority", "zero_shot", "rag", "task_lora", "oppu", "stage1", "perfit", "perfit_stage2_only")
+METHODS = ("user_majority", "global_majority", "zero_shot", "rag", "task_lora", "oppu", "stage1", "perfit", "perfit_stage2_only")
 # what each comparison record is computed from (besides the `predictions` settings)
 RECORD_INPUTS = {
-    "user_majority": ("test_data",), "zero_shot": ("model", "test_data"), "rag": ("model", "test_data", "rag"),
+    "user_majority": ("test_data",), "global_majority": ("stage1_data", "test_data"), "zero_shot": ("model", "test_data"), "rag": ("model", "test_data", "rag"),
     "task_lora": ("task_lora", "test_data"), "oppu": ("oppu",), "stage1": ("stage1", "test_data"),
     "perfit": ("users",), "perfit_stage2_only": ("stage2_only",),
 }
@@ -208,7 +208,8 @@ RECORD_INPUTS = {
 
 @dataclass
 class CompareConfig(RunConfig):
-    methods: str = _f(",".join(METHODS), "Comma-separated methods to run, from: " + ", ".join(METHODS) + ".", ())
+    methods: str = _f(",".join(METHODS), "Comma-separated methods to run, from: " + ", ".join(METHODS) + " (the default "
+                      "leaves global_majority out on free-text tasks).", ())
     output_dir: str = _f("compare", "Folder of comparison.{json,md,png}, methods/*.json and every method's checkpoints.", ())
     rag_k: int = _f(2, "rag: history items retrieved into each prompt.", ("rag",), min=0)
     rag_item_words: int = _f(64, "rag: words kept of each text field of a retrieved item.", ("rag",), min=1)
@@ -226,6 +227,10 @@ class CompareConfig(RunConfig):
         bad = [m for m in ms if m not in METHODS]
         if bad or not ms:
             raise ConfigError(f"--methods: unknown methods {bad}; choose from {', '.join(METHODS)}")
+        if "global_majority" in ms and not get_task(self.task_name).has_labels:
+            if self.methods != ",".join(METHODS):
+                raise ConfigError(f"--methods global_majority: {self.task_name} answers free text, it has no label to answer always")
+            ms.remove("global_majority")
         if self.reference and self.reference not in ms:
             raise ConfigError(f"--reference {self.reference}: not among --methods ({', '.join(ms)})")
         return ms

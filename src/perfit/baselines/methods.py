@@ -76,6 +76,20 @@ def _user_majority(exp, cfg) -> dict:
     return _record(exp, "user_majority", preds, generate_seconds_per_query=(time.perf_counter() - t0) / len(preds))
 
 
+def _global_majority(exp, cfg) -> dict:
+    """One answer for everyone: the label most frequent among the stage-1 examples (LaMP-3's "always the most
+    frequent score"); ties go to the label listed first. Only tasks with a label set have one."""
+    from collections import Counter
+
+    task = exp.data.task
+    t0 = time.perf_counter()
+    counts = Counter(e.target.strip() for e in pipeline.scan_training_data(exp, collect=True))
+    best = max(task.labels, key=lambda lab: (counts[lab], -task.labels.index(lab)))
+    preds = [best] * len(exp.queries[0])
+    return _record(exp, "global_majority", preds, generate_seconds_per_query=(time.perf_counter() - t0) / len(preds),
+                   settings={"answer": best, "counts": {lab: counts[lab] for lab in task.labels}})
+
+
 def _zero_shot(exp, cfg) -> dict:
     pm = pipeline.open_model(exp)
     preds, gen_s = _timed_generate(pm, exp, variant="zero_shot", desc="zero_shot")
@@ -228,6 +242,7 @@ def _lora_method(exp, cfg, method: str) -> dict:
 # one entry per method: what it is, and how it runs
 REGISTRY = {
     "user_majority": ("no model: the user's most frequent label (headlines: title of the BM25-closest history article)", _user_majority),
+    "global_majority": ("no model: the label most frequent over the other users' examples, for every query", _global_majority),
     "zero_shot": ("the frozen model, prompt only", _zero_shot),
     "rag": ("BM25 top-k of the user's history in the prompt (LaMP's retrieval baseline)", _rag),
     "task_lora": ("one LoRA (peft) on all other users, no per-user part", lambda e, c: _lora_method(e, c, "task_lora")),
