@@ -12,6 +12,7 @@ from perfit.baselines import retrieval
 from perfit.cli import main
 from perfit.data import load_task_data
 from perfit.data.synthetic import apply_title_style, apply_tweet_style, generate
+from perfit.errors import ConfigError
 from perfit.prompts import PromptBuilder
 from perfit.tasks import NOT_PUBLIC, TASKS, get_task
 
@@ -69,6 +70,32 @@ def test_every_generator_is_deterministic_and_valid(tmp_path, task):
     pb = PromptBuilder(td.task)
     for u in td.test_users:  # a query's text is never one of the user's items
         assert not {pb.query_content(q.input) for q in u.query} & {it.get(pb.content_field) for it in u.profile}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_generated_data_at_the_run_defaults_shares_no_text_between_test_and_training(tmp_path, task):
+    """The data `perfit run` generates without flags must pass its own overlap check: no test query's text among the
+    other users' queries or items (tweet_paraphrase's pool of 84 texts once ran out at these sizes)."""
+    from perfit.config import RunConfig
+
+    c = RunConfig()
+    generate(task, str(tmp_path), c.num_users, c.history_per_user, c.queries_per_user, c.num_other_users, c.seed)
+    td = load_task_data(str(tmp_path), task)
+    pb = PromptBuilder(td.task)
+    test_q = {pb.query_content(q.input) for u in td.test_users for q in u.query}
+    others = list(td.iter_others())
+    train = {pb.query_content(q.input) for u in others for q in u.query} | {it.get(pb.content_field) for u in others for it in u.profile}
+    assert len(test_q) == c.num_users * c.queries_per_user and not test_q & train
+
+
+def test_a_generator_out_of_distinct_texts_says_so(tmp_path, monkeypatch):
+    from perfit.data import synthetic
+
+    monkeypatch.setattr(synthetic, "ACTIVITIES", synthetic.ACTIVITIES[:1])
+    monkeypatch.setattr(synthetic, "WHEN", synthetic.WHEN[:1])
+    with pytest.raises(ConfigError, match="tweet_paraphrase: the generator ran out of distinct item texts after 42 items"):
+        generate("tweet_paraphrase", str(tmp_path), num_users=4, history_per_user=10, queries_per_user=3, num_other_users=0)
+    assert not (tmp_path / "tweet_paraphrase").exists()  # nothing half-written
 
 
 def _data(tmp_path, task, **kw):

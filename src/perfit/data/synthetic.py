@@ -271,9 +271,13 @@ def apply_tweet_style(pref: dict, neutral: str, tag: str) -> str:
     return t
 
 
+WHEN = ["Today", "Yesterday", "This morning", "Tonight", "Last weekend", "On Sunday", "After work", "Finally"]
+COMPANY = ["", " with my sister", " with a friend", " alone", " with the neighbours", " with my dad"]
+
+
 def _tweet_item(rng: random.Random, pref: dict):
     act = rng.choice(ACTIVITIES)
-    neutral = f"Today I {act}, and {rng.choice(FEELINGS)}."
+    neutral = f"{rng.choice(WHEN)} I {act}{rng.choice(COMPANY)}, and {rng.choice(FEELINGS)}."
     tweet = apply_tweet_style(pref, neutral, act.split()[-1])
     return {"text": tweet}, {"text": neutral}, tweet, None
 
@@ -343,6 +347,9 @@ def generate(task_name: str, output_dir: str, num_users: int = 20, history_per_u
                 key = fields[text_field] if qfields is None else pb.query(qfields)
                 if key not in used:
                     break
+            else:  # a repeated text would make the data its own overlap error (a test query in training)
+                raise ConfigError(f"make-data {task_name}: the generator ran out of distinct item texts after "
+                                  f"{len(used)} items; ask for fewer users or items (--num_users, --history_per_user)")
             used.add(key)
             items.append(({"id": iid, **fields}, qfields, gold, extra))
         profile = [dict(it, date=f"2020-01-{1 + k % 28:02d}") for k, (it, _, _, _) in enumerate(items[:history_per_user])]
