@@ -11,6 +11,7 @@ from perfit import metrics
 from perfit.baselines import retrieval
 from perfit.cli import main
 from perfit.data import load_task_data
+from perfit.data.overlap import OverlapCheck
 from perfit.data.synthetic import apply_title_style, apply_tweet_style, generate
 from perfit.errors import ConfigError
 from perfit.prompts import PromptBuilder
@@ -86,6 +87,11 @@ def test_generated_data_at_the_run_defaults_shares_no_text_between_test_and_trai
     others = list(td.iter_others())
     train = {pb.query_content(q.input) for u in others for q in u.query} | {it.get(pb.content_field) for u in others for it in u.profile}
     assert len(test_q) == c.num_users * c.queries_per_user and not test_q & train
+    check = OverlapCheck(td.test_users, pb)  # the check `perfit run` applies (ids, normalised texts, own histories)
+    check.tests(td.test_users)
+    for u in others:
+        check.other(u)
+    assert check.count == 0, check.message()
 
 
 def test_a_generator_out_of_distinct_texts_says_so(tmp_path, monkeypatch):
