@@ -278,3 +278,24 @@ def test_tune_minimises_mae_and_citation_refuses_held_out_tuning(tiny_model_dir,
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
     with pytest.raises(ConfigError, match="citation's history items carry no answer of its own"):
         tune(TuneConfig(**(base | dict(task_name="citation", output_dir=str(tmp_path / "c")))))
+    # tweet_paraphrase's history prompt is "tweet:" alone: every held-out query would be that text (it once ran every
+    # trial into the overlap check and exited 0 with nothing chosen)
+    with pytest.raises(ConfigError, match="tweet_paraphrase's history prompt 'tweet:' reads no field"):
+        tune(TuneConfig(**(base | dict(task_name="tweet_paraphrase", output_dir=str(tmp_path / "w")))))
+    assert not (tmp_path / "w" / "tune.db").exists() and not (tmp_path / "c" / "tune.db").exists()  # before any work
+
+
+def test_a_tune_whose_every_trial_fails_is_an_error_naming_why(tiny_model_dir, new_data, tmp_path):
+    from perfit.errors import PerFitError
+    from perfit.tune import TuneConfig, tune
+
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"intervene_layer": {"type": "categorical", "choices": ["98", "99"]}}))
+    with pytest.raises(PerFitError, match=r"none of the 2 trials completed .*intervene_layer \[9[89]\] out of range"):
+        tune(TuneConfig(**(TINY_RUN | dict(data_dir=new_data, model_path=tiny_model_dir, max_length=512, holdout=1,
+                                           trials=2, sampler="grid", space=str(space), task_name="product_rating",
+                                           output_dir=str(tmp_path / "t")))))
+    doc = json.loads((tmp_path / "t" / "tune.json").read_text())
+    assert doc["completed"] == 0 and [t["state"] for t in doc["trials"]] == ["FAIL", "FAIL"]
+    assert all("out of range" in t["error"] for t in doc["trials"])
+    assert not (tmp_path / "t" / "best_config.json").exists()

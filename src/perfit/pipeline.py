@@ -78,11 +78,16 @@ def holdout_split(td: TaskData, builder: PromptBuilder, n: int) -> TaskData:
     """Tuning data that never touches the test queries: each test user's last n history items become its queries
     (prompted like history, gold = the item's answer) and the items before them its history. Users with no more
     than n items are left out. A task whose items carry no answer from its label set (citation: a paper is not a
-    [1] / [2] question) has no held-out queries to make."""
+    [1] / [2] question), or whose history prompt reads nothing of the item (tweet_paraphrase), has no held-out
+    queries to make."""
     if td.task.has_labels and not td.task.labelled_items:
         raise ConfigError(f"--holdout: {td.task.name}'s history items carry no answer of its own ({', '.join(td.task.labels)}), "
                           f"so they make no held-out queries; tune on the task's other users or on a task whose items "
                           f"are answered")
+    if not builder.prompt_fields:  # tweet_paraphrase's "tweet:": no query of the task's shape to make from an item
+        raise ConfigError(f"--holdout: {td.task.name}'s history prompt {builder.tpl['prompt']!r} reads no field of the "
+                          f"item, so every held-out query would be that same text and no paraphrase of the item; "
+                          f"tune on a task whose history prompt reads the item (or give one with --prompts_file)")
     users, golds = [], {}
     for u in td.test_users:
         if len(u.profile) <= n:

@@ -34,6 +34,7 @@ class PromptBuilder:
         self.tpl = templates(task.name, prompts_file or None)
         self.max_field_words = max_field_words
         parts = list(string.Formatter().parse(self.tpl["prompt"]))
+        self.prompt_fields = [f for _, f, _, _ in parts if f]  # what of an item its history prompt reads
         # the answer cue history prompts end with (" category:"); LaMP's own query inputs stop before it
         derived = parts[-1][0] if parts and parts[-1][1] is None and len(parts) > 1 else ""
         self.cue = self.tpl.get("cue", derived) if query_cue else ""

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 from .config import METHODS, CompareConfig, ConfigError, _f, read_mapping, to_dict
+from .errors import PerFitError
 from .data import atomic_path, write_json_atomic
 from .metrics import paired_difference, primary_metric
 from .tasks import get_task
@@ -130,6 +131,7 @@ def tune(tc: TuneConfig) -> dict:
     ref = reference_method(tc)
     space = search_space(tc)
     sampler = _sampler(tc, space)  # a space the sampler cannot take is refused before anything is written
+    exp = pipeline.prepare(base)  # so is a task that makes no held-out queries
     os.makedirs(tc.output_dir, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     direction = "minimize" if get_task(tc.task_name).lower_is_better else "maximize"  # MAE for ratings
@@ -142,7 +144,6 @@ def tune(tc: TuneConfig) -> dict:
         study.sampler = _sampler(tc, space, stored)
     task = get_task(tc.task_name)
     name = primary_metric(task)
-    exp = pipeline.prepare(base)
     ref_rec = None
     if ref:
         ref_rec = saved_record(base, ref, exp.fingerprints) or \
@@ -152,7 +153,11 @@ def tune(tc: TuneConfig) -> dict:
     def objective(trial) -> float:
         params = _suggest(trial, space)
         cfg = dataclasses.replace(base, **params)
-        rec = run_method(cfg, tc.method)
+        try:
+            rec = run_method(cfg, tc.method)
+        except ValueError as e:  # a failed trial (optuna catches it); its reason is kept for the error below
+            trial.set_user_attr("error", str(e).splitlines()[0][:500])
+            raise
         m = rec["metrics"]
         trial.set_user_attr("metrics", m)
         msg = ""
@@ -166,7 +171,13 @@ def tune(tc: TuneConfig) -> dict:
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     if done < tc.trials:  # a grid stops by itself once every combination has run
         study.optimize(objective, n_trials=tc.trials - done, catch=(ValueError,))
-    return write_results(tc, study, space, {"method": ref, "metrics": ref_rec["metrics"]} if ref_rec else None)
+    doc = write_results(tc, study, space, {"method": ref, "metrics": ref_rec["metrics"]} if ref_rec else None)
+    if not doc["completed"]:  # nothing was chosen: not a result to exit 0 with
+        errors = [t["error"] for t in doc["trials"] if t.get("error")]
+        raise PerFitError(f"tune: none of the {len(doc['trials'])} trials completed (each is in "
+                          f"{os.path.join(tc.output_dir, 'tune.json')}); the last failed with: "
+                          f"{errors[-1] if errors else 'no recorded error'}")
+    return doc
 
 
 def reference_method(tc: TuneConfig) -> str | None:
@@ -187,6 +198,7 @@ def write_results(tc: TuneConfig, study, space: dict, reference: dict | None = N
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     trials = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
                "metrics": t.user_attrs.get("metrics"), "vs_reference": t.user_attrs.get("vs_reference")}
+              | ({"error": t.user_attrs["error"]} if "error" in t.user_attrs else {})
               for t in study.get_trials(deepcopy=False)]
     doc = {"task": tc.task_name, "method": tc.method, "holdout": tc.holdout, "space": space, "trials": trials,
            "completed": len(complete), "reference": reference}
