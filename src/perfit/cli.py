@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", required=True,
                    help="JSON file: a list of users [{user_id, profile: [history items]}] (the per-user layout).")
     p.add_argument("--device", default="")
+    p.add_argument("--personalize", default="", choices=("", "train", "instant", "instant+train"),
+                   help="train (stage 2), instant (the shift generator, no training) or instant+train (stage 2 from the "
+                        "generated shift). Default: the run's.")
     help = "serve a run over HTTP: OpenAI-compatible completions and chat, /v1/generate, online personalization and erasure"
     p = sub.add_parser("serve", help=help, description=help)
     for f in dataclasses.fields(ServeConfig):
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
             histories = _read_histories(args.history)
             pm = PerFitModel.from_run(args.run_dir, device=args.device or None)
-            print(json.dumps(pm.personalize(histories), indent=1))
+            print(json.dumps(pm.personalize(histories, mode=args.personalize or None), indent=1))
         elif args.command == "forget":
             from .rundir import forget_user
 

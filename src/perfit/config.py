@@ -7,7 +7,8 @@ parents' keys or its data fingerprint change:
 
     model ─┬──────────────────────────────┬─> stage2_only
            │                              ├─> task_lora ──> oppu
-    stage1_data ──> stage1 ──> users      │
+    stage1_data ──> stage1 ─┬─> users      │
+                            └─> generator ─┘ (users)
     test_data ──────────────────┴─────────┴─ (users, stage2_only, oppu and every prediction use the test data)
     rag, predictions: settings of the comparison records only
 
@@ -30,7 +31,8 @@ ARTIFACTS: dict[str, tuple[str, ...]] = {
     "stage1_data": (),
     "test_data": (),
     "stage1": ("model", "stage1_data"),
-    "users": ("stage1", "test_data"),
+    "generator": ("stage1",),
+    "users": ("stage1", "generator", "test_data"),
     "stage2_only": ("model", "test_data"),
     "task_lora": ("model", "stage1_data"),
     "oppu": ("task_lora", "test_data"),
@@ -45,6 +47,9 @@ def _f(default: Any, help: str, affects: tuple[str, ...], min: float | None = No
     assert not unknown, unknown
     return field(default=default, metadata={"help": help, "affects": tuple(affects), "min": min, "choices": choices})
 
+
+PERSONALIZE_MODES = ("train", "instant", "instant+train")
+GENERATOR_MIN_USERS = 120  # stage-1 users generated data gets when the generator is on
 
 # a setting whose default is "preset" (-1 / empty) takes its task preset's value, else this
 PRESET_FALLBACKS = {"user_lr": 2e-3, "shift_init": "loreft", "early_stopping": 0, "oppu_lr": 1e-3}
@@ -100,6 +105,27 @@ class RunConfig:
     allow_overlap: int = _f(0, "Test users, their query ids or query texts found in the training data: 0 an error; 1 kept, warned; "
                                "2 left out of training (the items, queries or users named), warned.", (), choices=(0, 1, 2))
     overwrite: int = _f(0, "1: a run dir whose stage-1 checkpoint or user store was made with other settings or data is retrained and replaced (an error otherwise).", (), choices=(0, 1))
+    personalize: str = _f("train", "How a user's personal shift is made: train (stage 2 on the user's history), instant (the "
+                          "shift generator, one forward pass over the history, no training) or instant+train (stage 2 "
+                          "started from the generated shift, for --warm_epochs). instant modes need the generator.",
+                          ("users",), choices=PERSONALIZE_MODES)
+    warm_epochs: int = _f(-1, "instant+train: stage-2 epochs from the generated shift. -1: a quarter of max_epoch (at least 1).",
+                          ("users",), min=-1)
+    generator: int = _f(-1, "Learn the shift generator after stage 1 (from the stage-1 users only): 1 yes, 0 no, -1 when "
+                        "--personalize is instant or instant+train. Generated data then gets at least "
+                        "GENERATOR_MIN_USERS stage-1 users.", ("generator",), choices=(-1, 0, 1))
+    gen_width: int = _f(128, "Shift generator: hidden width of its MLP.", ("generator",), min=1)
+    gen_dropout: float = _f(0.1, "Shift generator: dropout on its input and hidden layer while it trains.", ("generator",), min=0)
+    gen_lr: float = _f(1e-3, "Shift generator: AdamW learning rate.", ("generator",), min=0)
+    gen_weight_decay: float = _f(0.01, "Shift generator: AdamW weight decay.", ("generator",), min=0)
+    gen_epochs: int = _f(12, "Shift generator: most epochs over the stage-1 users (the best on held-out users is kept).",
+                         ("generator",), min=1)
+    gen_patience: int = _f(3, "Shift generator: epochs without a better held-out loss before it stops.", ("generator",), min=1)
+    gen_targets: int = _f(4, "Shift generator: items of each episode's user whose loss trains it (the rest are the profile it reads).",
+                          ("generator",), min=1)
+    gen_users_per_step: int = _f(8, "Shift generator: users (episodes) per optimisation step.", ("generator",), min=1)
+    gen_holdout_fraction: float = _f(0.15, "Shift generator: share of stage-1 users held out of its training to choose its epoch.",
+                                     ("generator",), min=0)
     num_users: int = _f(20, "Generated data only: test users.", DATA, min=1)
     num_other_users: int = _f(12, "Generated data only: stage-1 (other) users.", DATA, min=0)
     history_per_user: int = _f(20, "Generated data only: history items per user.", DATA, min=1)
@@ -141,6 +167,18 @@ class RunConfig:
             raise ConfigError(f"--user_low_rank_dimension must be >= 1, got {c.user_low_rank_dimension}")
         if c.max_epoch < 1:
             raise ConfigError(f"--max_epoch must be >= 1, got {c.max_epoch}")
+        if c.warm_epochs < 0:
+            c.warm_epochs = max(1, c.max_epoch // 4)
+        if c.generator < 0:
+            c.generator = int(c.personalize != "train")
+        if c.personalize != "train" and not c.generator:
+            raise ConfigError(f"--personalize {c.personalize} needs the shift generator; drop --generator 0")
+        if c.generator and not c.data_dir and c.num_other_users < GENERATOR_MIN_USERS:
+            import logging
+
+            logging.getLogger("perfit").info("shift generator on: generated data gets %d stage-1 users (--num_other_users "
+                                             "was %d)", GENERATOR_MIN_USERS, c.num_other_users)
+            c.num_other_users = GENERATOR_MIN_USERS
         c.intervene_layer = ";".join(str(l) for l in parse_layer_spec(c.intervene_layer))  # one spelling per layer set
         try:
             parse_positions(c.positions)
@@ -197,19 +235,23 @@ def check_fields(cfg) -> None:
             raise ConfigError(f"--{f.name} {v!r}: choose from {shown}")
 
 
-METHODS = ("user_majority", "global_majority", "zero_shot", "rag", "task_lora", "oppu", "stage1", "perfit", "perfit_stage2_only")
+METHODS = ("user_majority", "global_majority", "zero_shot", "rag", "task_lora", "oppu", "stage1", "perfit", "perfit_instant",
+           "perfit_warm", "perfit_stage2_only")
+GENERATOR_METHODS = ("perfit_instant", "perfit_warm")
+DEFAULT_METHODS = ",".join(m for m in METHODS if m not in GENERATOR_METHODS)  # the generator's are asked for by name
 # what each comparison record is computed from (besides the `predictions` settings)
 RECORD_INPUTS = {
     "user_majority": ("test_data",), "global_majority": ("stage1_data", "test_data"), "zero_shot": ("model", "test_data"), "rag": ("model", "test_data", "rag"),
     "task_lora": ("task_lora", "test_data"), "oppu": ("oppu",), "stage1": ("stage1", "test_data"),
     "perfit": ("users",), "perfit_stage2_only": ("stage2_only",),
+    "perfit_instant": ("users", "generator"), "perfit_warm": ("users", "generator"),
 }
 
 
 @dataclass
 class CompareConfig(RunConfig):
-    methods: str = _f(",".join(METHODS), "Comma-separated methods to run, from: " + ", ".join(METHODS) + " (the default "
-                      "leaves global_majority out on free-text tasks).", ())
+    methods: str = _f(DEFAULT_METHODS, "Comma-separated methods to run, from: " + ", ".join(METHODS) + " (the default: "
+                      "all but perfit_instant and perfit_warm, and global_majority only on tasks with labels).", ())
     output_dir: str = _f("compare", "Folder of comparison.{json,md,png}, methods/*.json and every method's checkpoints.", ())
     rag_k: int = _f(2, "rag: history items retrieved into each prompt.", ("rag",), min=0)
     rag_item_words: int = _f(64, "rag: words kept of each text field of a retrieved item.", ("rag",), min=1)
@@ -222,13 +264,21 @@ class CompareConfig(RunConfig):
     isolate: int = _f(1, "1: each method in its own process (own peak memory); 0: all in this process.", (), choices=(0, 1))
     reference: str = _f("", "Method every other row of comparison.md is compared with, query by query (mean paired difference of the primary metric and its standard error). Empty: user_majority for classification, zero_shot for generation, when it is among the methods.", ())
 
+    def resolved(self) -> "CompareConfig":
+        """As RunConfig's; a comparison with a generator method learns the generator (so every method sees the same
+        data, generated with enough stage-1 users)."""
+        c = dataclasses.replace(self)
+        if c.generator < 0 and any(m.strip() in GENERATOR_METHODS for m in c.methods.split(",")):
+            c.generator = 1
+        return RunConfig.resolved(c)
+
     def method_list(self) -> list[str]:
         ms = [m.strip() for m in self.methods.split(",") if m.strip()]
         bad = [m for m in ms if m not in METHODS]
         if bad or not ms:
             raise ConfigError(f"--methods: unknown methods {bad}; choose from {', '.join(METHODS)}")
         if "global_majority" in ms and not get_task(self.task_name).has_labels:
-            if self.methods != ",".join(METHODS):
+            if self.methods != DEFAULT_METHODS:
                 raise ConfigError(f"--methods global_majority: {self.task_name} answers free text, it has no label to answer always")
             ms.remove("global_majority")
         if self.reference and self.reference not in ms:
@@ -414,6 +464,13 @@ class ServeConfig:
     request_timeout_s: float = _f(600.0, "A generation request not answered within this many seconds gets 504 (and is dropped if not yet in a batch); 0: no limit.", (), min=0)
     max_consecutive_failures: int = _f(3, "Generation batches failing in a row after which the worker is deemed unable to go on: /healthz says 503 and the server exits with code 3.", (), min=1)
     max_lifetime_s: float = _f(0.0, "Stop (gracefully) after this many seconds; 0: run until stopped. For tests and benchmarks.", (), min=0)
+    personalize: str = _f("", "How a posted history becomes the user's shift: train, instant (the run's shift generator: "
+                          "the user is ready when the post returns) or instant+train (ready at once, then refined by "
+                          "training). Empty: the run's --personalize.", (), choices=("",) + PERSONALIZE_MODES)
+    trainer: str = _f("process", "Where training runs: process (a trainer process at the lowest CPU priority beside the "
+                      "server, with its own copy of the backbone: generation never waits for training) or inline (in "
+                      "the server's worker, between generation batches: one copy of the model, but a training group "
+                      "stalls every request until it is done).", (), choices=("process", "inline"))
     engine: str = _f("embedded", "embedded: PerFit's own server (one process, online personalization endpoints); vllm: vLLM's "
                      "OpenAI-compatible server with the PerFit plugin (continuous batching, paged KV cache; needs "
                      "perfit[vllm]). With vllm, the flags above that vLLM has are passed to it and the others ignored.",

@@ -15,20 +15,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import torch
 
 from . import dist
 from .backbone import Backbone, check_layers, load_backbone
-from .batching import tokenize_prompt
-from .config import RunConfig, artifact_keys, check_run_overrides, parse_positions, run_fields
+from .batching import tokenize_examples, tokenize_prompt
+from .config import PERSONALIZE_MODES, RunConfig, artifact_keys, check_run_overrides, parse_positions, run_fields
 from .data import DataError, latest, validate_items, write_json_atomic
 from .errors import RunStateError
 from .faults import fault_point
 from .generate import Completion, CompletionResult, GenerationOutput, Generations, greedy_generate
 from .prompts import Example, PromptBuilder
-from .rundir import (CKPT, CONFIG_FILE, PARTIAL, PROMPTS_FILE, config_diff, has_checkpoint, load_collective,
-                     load_partial, load_run_config, resolve_for_model, save_partial, store_path, write_checkpoint)
+from .generator import ShiftGenerator, item_features, user_tensors
+from .rundir import (CKPT, CONFIG_FILE, GENERATOR, PARTIAL, PROMPTS_FILE, config_diff, has_checkpoint, load_collective,
+                     load_partial, load_run_config, read_generator, resolve_for_model, save_partial, store_path,
+                     write_checkpoint, write_generator)
 from .shifts import Shifter
 from .store import UserStore, history_digest
 from .store import remove_files as remove_store_files
@@ -59,6 +62,8 @@ class PerFitModel:
         self.stage1_meta: dict = {}
         self._store: UserStore | None = None
         self.cache = UserShiftCache(max_cached_users)
+        self.generator: ShiftGenerator | None = None  # the instant path (None: the run has none)
+        self.generator_meta: dict = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -79,6 +84,8 @@ class PerFitModel:
         sh, meta = load_collective(os.path.join(run_dir, CKPT))
         pm.fingerprints = meta.get("fingerprints", {})
         pm.set_collective(sh, meta)
+        if os.path.isfile(os.path.join(run_dir, GENERATOR)):
+            pm.set_generator(*read_generator(os.path.join(run_dir, GENERATOR)))
         return pm
 
     @property
@@ -158,6 +165,73 @@ class PerFitModel:
         self.set_collective(sh, meta)
         return stats
 
+    # ------------------------------------------------------------------ the shift generator
+
+    def set_generator(self, gen: ShiftGenerator, meta: dict) -> None:
+        self.generator = gen.to(self.device)
+        self.generator_meta = meta
+
+    def load_generator_if_current(self) -> bool:
+        """Load this run's shift generator if it was made with the current stage 1 and generator settings."""
+        path = os.path.join(self.run_dir, GENERATOR)
+        if not os.path.isfile(path):
+            return False
+        gen, meta = read_generator(path)
+        if meta.get("generator_key") != self.keys()["generator"]:
+            return False
+        self.set_generator(gen, meta)
+        return True
+
+    def adopt_generator(self, path: str) -> bool:
+        """Reuse another run's shift generator (copied in) when it has this run's generator key."""
+        if not os.path.isfile(path):
+            return False
+        gen, meta = read_generator(path)
+        if meta.get("generator_key") != self.keys()["generator"]:
+            return False
+        write_generator(os.path.join(self.run_dir, GENERATOR), gen, meta)
+        self.set_generator(gen, meta)
+        return True
+
+    def fit_generator(self, per_user: dict[str, list[Example]], desc: str = "shift generator") -> dict:
+        """Learn the shift generator from these stage-1 users' examples (episodically: some of a user's items in, the
+        others' loss out), saved beside the collective shift with the config that made it. Returns its report."""
+        from .train.generator import fit_generator
+
+        collective = self._require_collective()
+        gen, report = fit_generator(self.model, self.tok, self.cfg, collective, self.first, self.last, per_user, desc,
+                                    self.cfg.cache_max_bytes)
+        meta = {"generator_key": self.keys()["generator"], "stage1_key": self.keys()["stage1"],
+                "run_config": run_fields(self.cfg), "report": report}
+        if dist.is_main():
+            write_generator(os.path.join(self.run_dir, GENERATOR), gen, meta)
+        self.set_generator(gen, meta)
+        return report
+
+    def _require_generator(self) -> ShiftGenerator:
+        if self.generator is None:
+            raise RunStateError(f"{self.run_dir}: no shift generator; make one with `perfit run --personalize instant` "
+                                f"(or --generator 1) on this run's settings")
+        return self.generator
+
+    @torch.no_grad()
+    def instant_shifts(self, examples: dict[str, list[Example]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Each user's generated personal shift (the tensors stage 2 would train) from its history examples: one
+        no-grad pass of the frozen model over them and one pass of the generator."""
+        gen = self._require_generator()
+        collective = self._require_collective()
+        users = list(examples)
+        flat = [e for u in users for e in examples[u]]
+        feats, _ = item_features(self.model, tokenize_examples(self.tok, flat, self.cfg.max_length), self.cfg.layers,
+                                 self.tok.pad_token_id)
+        z, k = [], 0
+        for u in users:
+            z.append(feats[k: k + len(examples[u])].mean(0))
+            k += len(examples[u])
+        delta = gen(torch.stack(z).to(self.device))
+        p0 = {n: t.to(self.device) for n, t in collective.user_state(0).items()}
+        return {u: user_tensors(p0, delta, i) for i, u in enumerate(users)}
+
     def _train_kw(self) -> dict:
         c = self.cfg
         return dict(max_rows=c.rows_per_pass, cache_max_bytes=c.cache_max_bytes, disk_cache_max_bytes=c.disk_cache_max_bytes,
@@ -168,7 +242,7 @@ class PerFitModel:
     def store_config(self) -> dict:
         c = self.cfg
         return {"key": self.keys()["users"], "stage1_key": self.keys()["stage1"],
-                "settings": {k: getattr(c, k) for k in ("task_name", "user_lr", "max_epoch", "batch_size", "seed",
+                "settings": {k: getattr(c, k) for k in ("task_name", "personalize", "warm_epochs", "user_lr", "max_epoch", "batch_size", "seed",
                                                          "max_history", "holdout", "low_rank_dimension",
                                                          "user_low_rank_dimension", "intervene_layer", "positions")}}
 
@@ -213,8 +287,10 @@ class PerFitModel:
     # ------------------------------------------------------------------ stage 2
 
     def personalize(self, histories: dict[str, list[dict]], desc: str = "stage 2",
-                    jobs: dict[str, str] | None = None) -> dict[str, dict]:
-        """Train the personal shifts of these users on their history items (the task's item format), user_group_size
+                    jobs: dict[str, str] | None = None, mode: str | None = None, keep_jobs: bool = False) -> dict[str, dict]:
+        """`mode` (default: the run's --personalize): train, instant or instant+train. instant: each user's shift from
+        the shift generator in one pass, no training, stored at once; instant+train: stage 2 started from the
+        generated shift, for warm_epochs; train: as follows. Train the personal shifts of these users on their history items (the task's item format), user_group_size
         users at a time in one batched loop, each group stored (in one transaction) as soon as it is done; a retrained
         user keeps its old shift until the new one is stored. Returns {user_id: report} of the users stored. Under
         torchrun the groups are dealt to the ranks in turn and rank 0 stores them, in order. `jobs` ({user: job id}
@@ -229,6 +305,13 @@ class PerFitModel:
                 problems += validate_items(items, f"user {uid!r}", self.task)
         if problems:
             raise DataError(problems)
+        mode = mode or self.cfg.personalize
+        if mode not in PERSONALIZE_MODES:
+            raise ValueError(f"personalize mode {mode!r}: choose from {', '.join(PERSONALIZE_MODES)}")
+        if mode != "train":
+            self._require_generator()
+        if mode == "instant":
+            return self._personalize_instant(histories, jobs, keep_jobs)
         todo, size = list(histories), self.cfg.user_group_size
         groups = [todo[g: g + size] for g in range(0, len(todo), size)]
         reports: dict[str, dict] = {}
@@ -238,11 +321,19 @@ class PerFitModel:
             done = None
             if k < len(groups):
                 group = groups[k]
-                done = stages.train_group(self.model, self.tok, self.cfg, collective, self.first, self.last,
-                                          {u: self.personal_examples(u, histories[u]) for u in group},
+                exs = {u: self.personal_examples(u, histories[u]) for u in group}
+                start, t0 = None, time.perf_counter()
+                if mode == "instant+train":
+                    start = self.instant_shifts(exs)
+                cfg = self.cfg if start is None else dataclasses.replace(self.cfg, max_epoch=self.cfg.warm_epochs)
+                done = stages.train_group(self.model, self.tok, cfg, collective, self.first, self.last, exs,
                                           {u: len(histories[u]) for u in group},
                                           f"{desc} users {k * size + 1}-{k * size + len(group)}/{len(todo)}",
-                                          self._train_kw())
+                                          self._train_kw(), start=start)
+                for u in group:
+                    done[1][u] |= {"mode": mode}
+                    if start is not None:  # the generator's pass counts in the user's cost
+                        done[1][u]["train_seconds"] = round((time.perf_counter() - t0) / len(group), 3)
             for got in (dist.gather(pack(done)) or []) if ranks > 1 else [done]:
                 got = unpack(got) if ranks > 1 else got
                 if got is None:
@@ -253,6 +344,27 @@ class PerFitModel:
                 for u in info:
                     self.cache.drop(u)
                 reports.update({u: info[u] for u in stored})
+        return reports
+
+    def _personalize_instant(self, histories: dict[str, list[dict]], jobs: dict[str, str] | None,
+                             keep_jobs: bool = False) -> dict[str, dict]:
+        """Generated shifts, user_group_size users per pass, each group stored in one transaction."""
+        reports: dict[str, dict] = {}
+        todo, size = list(histories), self.cfg.user_group_size
+        for g in range(0, len(todo), size):
+            group = todo[g: g + size]
+            t0 = time.perf_counter()
+            exs = {u: self.personal_examples(u, histories[u]) for u in group}
+            tensors_of = self.instant_shifts(exs)
+            sec = round((time.perf_counter() - t0) / len(group), 4)
+            now = round(time.time(), 3)
+            info = {u: {"items": len(histories[u]), "examples": len(exs[u]), "history_digest": history_digest(exs[u]),
+                        "mode": "instant", "epoch_losses": [], "final_loss": None, "train_seconds": sec,
+                        "trained_at": now, "rank": dist.rank()} for u in group}
+            stored = self.store.put_many(tensors_of, info, jobs, keep_jobs)
+            for u in group:
+                self.cache.drop(u)
+            reports.update({u: info[u] for u in stored})
         return reports
 
     def forget(self, user_id: str) -> bool:

@@ -21,7 +21,7 @@ from .data import DataError, OverlapCheck, Query, TaskData, User, data_fingerpri
 from .data.synthetic import generate
 from .errors import ConfigError, RunStateError
 from .model import VARIANTS, PerFitModel
-from .rundir import CKPT, USERS, load_collective_from, load_run_config
+from .rundir import CKPT, GENERATOR, USERS, load_collective_from, load_run_config
 from .prompts import Example, PromptBuilder
 
 log = logging.getLogger("perfit")
@@ -152,17 +152,21 @@ def _overlap_check(td: TaskData, builder: PromptBuilder, cfg: RunConfig) -> Over
     return OverlapCheck(td.test_users, builder, td.others_path, _test_path(td, cfg))
 
 
-def scan_training_data(exp: Experiment, collect: bool) -> list[Example]:
+def scan_training_data(exp: Experiment, collect: bool, by_user: dict[str, list[Example]] | None = None) -> list[Example]:
     """One streaming pass over user_others.json: validated, checked to share no user, query id or query text with
-    the test users (whose own histories are checked too), and, when `collect`, turned into stage-1 examples."""
+    the test users (whose own histories are checked too), and, when `collect`, turned into stage-1 examples. `by_user`
+    (filled when given) receives every stage-1 user's examples, uncapped: what the shift generator learns from, so it
+    passes the same check as stage 1."""
     mode = exp.cfg.allow_overlap
     check = _overlap_check(exp.data, exp.builder, exp.cfg)
     per_user = []
     for u in exp.data.iter_others():
         kept = check.other(u)
         trains = kept if mode == 2 else u  # None: under mode 2, an other user that is a test user
-        if collect and trains:
+        if (collect or by_user is not None) and trains:
             per_user.append(exp.builder.user_examples(trains, include_gold_queries=True))
+            if by_user is not None:
+                by_user[trains.user_id] = per_user[-1]
     check.tests(exp.data.test_users)  # under mode 2 prepare() left out their overlapping items already
     if check.count and not mode:
         raise DataError(check.message())
@@ -213,10 +217,25 @@ def ensure_stage1(exp: Experiment, pm: PerFitModel) -> None:
                     break
     _share_stage1(pm)
     reused = pm.collective is not None
-    examples = scan_training_data(exp, collect=not reused)
+    need_gen = bool(exp.cfg.generator) and not pm.load_generator_if_current()
+    if need_gen and dist.is_main():
+        for ckpt in _sibling_checkpoints(exp):
+            if pm.adopt_generator(os.path.join(os.path.dirname(os.path.dirname(ckpt)), GENERATOR)):
+                log.info("shift generator: reusing the one of %s (same stage 1 and generator settings)", ckpt)
+                need_gen = False
+                break
+    by_user: dict[str, list[Example]] | None = {} if need_gen else None
+    examples = scan_training_data(exp, collect=not reused, by_user=by_user)
     if not reused:
         pm.fit_collective(examples, fresh=bool(exp.cfg.overwrite))
     exp.timings["stage1_train_seconds"] = pm.stage1_meta.get("train_seconds", 0.0)
+    if need_gen:
+        if len(by_user) < 20:
+            _warn_once(f"shift generator: only {len(by_user)} stage-1 users to learn from; a generator needs many "
+                       f"(100 or more) to map a history to a shift")
+        pm.fit_generator(by_user)
+    if pm.generator is not None:
+        exp.timings["generator_train_seconds"] = pm.generator_meta.get("report", {}).get("train_seconds", 0.0)
     if dist.is_main():
         pm.save_config()
 
@@ -256,8 +275,10 @@ def write_outputs(exp: Experiment, pm: PerFitModel, preds: dict) -> dict:
     s2 = sum(stored.get(u.user_id, {}).get("train_seconds", 0.0) for u in exp.data.test_users)
     sh = pm.collective
     results = {"task": task.name, "run_dir": run, "model": dataclasses.asdict(pm.info), "variants": {},
-               "stage1_learning": pm.stage1_meta.get("learning")}
-    train_s = {"zero_shot": 0.0, "stage1": s1, "perfit": s1 + s2}
+               "stage1_learning": pm.stage1_meta.get("learning"), "personalize": exp.cfg.personalize,
+               "generator": pm.generator_meta.get("report")}
+    gen_s = t.get("generator_train_seconds", 0.0) if exp.cfg.personalize != "train" else 0.0
+    train_s = {"zero_shot": 0.0, "stage1": s1, "perfit": s1 + gen_s + s2}
     for v, p in preds.items():
         results["variants"][v] = {
             "metrics": metrics.evaluate(task, golds, p), "queries": len(p),

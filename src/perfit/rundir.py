@@ -7,6 +7,7 @@ the state of an unfinished stage 1, and the user store's place. No model here: t
     <run dir>/task_reft/ckpt/          shifts.safetensors (the collective shift and P0, their config in its metadata)
                                        and config.json, a readable copy
     <run dir>/task_reft/stage1_state.safetensors   only while stage 1 is unfinished
+    <run dir>/task_reft/generator.safetensors      the shift generator, its config and report in its metadata
     <run dir>/users.sqlite             one personal shift per user (perfit.store)
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ PROMPTS_FILE = "prompts.json"
 CKPT = os.path.join("task_reft", "ckpt")
 CKPT_TENSORS, CKPT_CONFIG = "shifts.safetensors", "config.json"
 PARTIAL = os.path.join("task_reft", "stage1_state.safetensors")  # stage 1 in progress
+GENERATOR = os.path.join("task_reft", "generator.safetensors")  # the shift generator (instant personalization)
 USERS = "users.sqlite"
 LEGACY_USERS = "users"
 
@@ -116,6 +118,23 @@ def load_partial(path: str, key: str):
 def save_partial(path: str, key: str, state) -> None:
     meta = {"stage1_key": key, "step": str(state.step), "stats": json.dumps(state.stats)}
     save_safetensors_atomic(path, state.tensors, meta)
+
+
+def write_generator(path: str, gen, meta: dict) -> None:
+    """The shift generator in one file replaced in one rename (its spec and what made it in the metadata)."""
+    from .generator import save_generator
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_generator(path, gen, meta, save_safetensors_atomic)
+
+
+def read_generator(path: str):
+    from .generator import load_generator
+
+    try:
+        return load_generator(path)
+    except ValueError as e:
+        raise RunStateError(str(e)) from None
 
 
 def config_diff(a: dict, b: dict) -> str:

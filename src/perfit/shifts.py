@@ -68,6 +68,7 @@ class LowRankShift(nn.Module):
     def __init__(self, num: int, hidden: int, rank: int, generator: torch.Generator | None = None, init: str | None = "loreft"):
         super().__init__()
         self.num, self.hidden, self.rank = num, hidden, rank
+        self.given: tuple[torch.Tensor, torch.Tensor] | None = None  # (W [K, r, d], b [K, r]) computed elsewhere
         if rank > hidden:
             raise ValueError(f"rank {rank} exceeds the hidden size {hidden}")
         if init is None:  # to be filled by load_slice / load_state_dict: no random draws
@@ -103,7 +104,11 @@ class LowRankShift(nn.Module):
         what `apply_shift` takes, computed once where the same modules serve many passes (the vLLM plugin)."""
         dt = dtype or compute_dtype(self.weight.dtype)
         R = self.rotation().to(dt)
-        return R, self.weight.to(dt) - R, self.bias.to(dt)
+        if self.given is None:
+            return R, self.weight.to(dt) - R, self.bias.to(dt)
+        weight, bias = self.given
+        R = R[: weight.shape[0]]
+        return R, weight.to(dt) - R, bias.to(dt)
 
     def delta(self, h: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
         """h: [B, P, d]. which: [B] module index per row (None: module 0 for all). Returns the shift in the compute
@@ -230,6 +235,19 @@ class Shifter(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+
+    @contextlib.contextmanager
+    def personal_given(self, given: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        """Within the block, the personal modules' W and b are the given tensors ({layer: (W [K, r, d], b [K, r])},
+        e.g. a shift generator's output, gradients flowing back to it); R stays the modules' own."""
+        mods = [self.personal[str(l)] for l in given]
+        for m, l in zip(mods, given):
+            m.given = given[l]
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.given = None
 
     @contextlib.contextmanager
     def active(self, state: ShiftState | None):

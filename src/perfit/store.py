@@ -245,12 +245,12 @@ class UserStore:
     # ---------------------------------------------------------------- writing
 
     def put_many(self, tensors_of: dict[str, dict[str, torch.Tensor]], info: dict[str, dict] | None = None,
-                 jobs: dict[str, str] | None = None) -> list[str]:
+                 jobs: dict[str, str] | None = None, keep_jobs: bool = False) -> list[str]:
         """Store {user_id: tensors} in one transaction: all of them, or (after a crash) none. A stored user is
         replaced by its new row in the same step (its previous shift is kept RETIRED_KEEP_S under its version).
         `jobs` ({user_id: job id}): users trained for a queued job are stored only if that job is still the user's
-        (not replaced by a newer post, nor erased), and the job is removed with the same commit. Returns the users
-        stored."""
+        (not replaced by a newer post, nor erased), and the job is removed with the same commit (`keep_jobs`: left
+        queued, e.g. to refine an instant shift). Returns the users stored."""
         now = round(time.time(), 3)
         rows = []
         for uid, tensors in tensors_of.items():
@@ -263,8 +263,10 @@ class UserStore:
             for k, row in enumerate(rows):
                 uid = row[0]
                 if jobs is not None and uid in jobs:
-                    if c.execute("DELETE FROM jobs WHERE user_id = ? AND job_id = ? AND state != 'failed'",
-                                 (uid, jobs[uid])).rowcount == 0:
+                    q, args = "jobs WHERE user_id = ? AND job_id = ? AND state != 'failed'", (uid, jobs[uid])
+                    current = (c.execute(f"SELECT 1 FROM {q}", args).fetchone() is not None if keep_jobs
+                               else c.execute(f"DELETE FROM {q}", args).rowcount > 0)
+                    if not current:
                         continue  # replaced by a newer post, or erased, while it trained
                 c.execute(f"INSERT OR REPLACE INTO retired SELECT {VERSION}, user_id, tensors, ? FROM users "
                           "WHERE user_id = ?", (now, uid))
@@ -320,6 +322,11 @@ class UserStore:
                           "WHERE user_id = ? AND job_id = ?", (error[:2000], time.time(), uid, job))
             c.execute("DELETE FROM jobs WHERE state = 'failed' AND rowid NOT IN (SELECT rowid FROM jobs WHERE "
                       "state = 'failed' ORDER BY finished_at DESC LIMIT ?)", (FAILED_JOBS_KEPT,))
+
+    def job_items(self, user_id: str) -> list[dict] | None:
+        """The history items of the user's queued or training job, if any."""
+        row = self._db().execute("SELECT items FROM jobs WHERE user_id = ? AND state != 'failed'", (user_id,)).fetchone()
+        return None if row is None or row[0] is None else json.loads(row[0])
 
     def job(self, user_id: str) -> dict | None:
         """The user's job, if any: state (queued, training, failed), items, accepted_at, started_at, error."""

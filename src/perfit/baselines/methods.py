@@ -249,6 +249,10 @@ REGISTRY = {
     "oppu": ("task LoRA merged, then one LoRA per user on that user's history only", lambda e, c: _lora_method(e, c, "oppu")),
     "stage1": ("PerFit stage 1: collective shift + the shared initial personal module P0", _stage1),
     "perfit": ("collective shift + each user's personal shift", _perfit),
+    "perfit_instant": ("collective shift + each user's shift from the shift generator (one pass, no training)",
+                       lambda e, c: _perfit_mode(e, "perfit_instant", "instant")),
+    "perfit_warm": ("collective shift + stage 2 started from the generated shift, for warm_epochs",
+                    lambda e, c: _perfit_mode(e, "perfit_warm", "instant+train")),
     "perfit_stage2_only": ("personal shift of rank LRank+ULRank per user from scratch, no stage 1", _stage2_only),
 }
 assert tuple(REGISTRY) == METHODS

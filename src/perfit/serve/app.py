@@ -111,7 +111,7 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None, on_
     metrics = Metrics()
     engine = Engine(pm, sc.max_batch_size, sc.max_wait_ms, metrics, max_queued_requests=sc.max_queued_requests,
                     max_queued_users=sc.max_queued_users, max_consecutive_failures=sc.max_consecutive_failures,
-                    on_fatal=on_fatal)
+                    on_fatal=on_fatal, mode=sc.personalize or None, trainer=sc.trainer)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -309,7 +309,8 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None, on_
                 "shift_version": res["shift_version"], "finish_reason": res["finish_reason"]}
 
     @app.post("/v1/users/{user_id}/history", status_code=202,
-              summary="Train (or retrain) the user's personal shift on these history items, in the background")
+              summary="Personalize the user on these history items: an instant shift stored before the reply (runs "
+                      "with a shift generator), training in the background")
     async def post_history(req: HistoryRequest, user_id: str = Path(max_length=200)):
         user_path(user_id)
         if len(req.items) > sc.max_history_items:

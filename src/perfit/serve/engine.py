@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -27,6 +29,7 @@ from typing import Callable
 
 from ..faults import fault_point
 from ..model import Completion, PerFitModel
+from ..store import history_digest
 
 log = logging.getLogger("perfit")
 
@@ -81,10 +84,23 @@ def _settle(fut: concurrent.futures.Future, result=None, error: BaseException | 
 
 
 class Engine:
+    """`mode`: how a posted history becomes a shift (train, instant, instant+train; default: the run's). `trainer`:
+    where training runs: inline (in the worker's turns, after each generation batch: a group stalls generation) or
+    process (a niced trainer process beside it, `serve.trainer`: generation never waits for training). With a generator
+    (instant modes) the user's generated shift is stored before `personalize` returns."""
+
     def __init__(self, pm: PerFitModel, max_batch_size: int = 32, max_wait_ms: float = 10.0, metrics=None,
                  max_queued_requests: int = 256, max_queued_users: int = 1024, max_consecutive_failures: int = 3,
-                 on_fatal: Callable[[str], None] | None = None):
+                 on_fatal: Callable[[str], None] | None = None, mode: str | None = None, trainer: str = "inline"):
         self.pm, self.max_batch_size, self.max_wait = pm, max_batch_size, max_wait_ms / 1000.0
+        self.mode = mode or pm.cfg.personalize
+        if self.mode != "train":
+            pm._require_generator()
+        if trainer not in ("inline", "process"):
+            raise ValueError(f"trainer {trainer!r}: choose from inline, process")
+        self.trainer = trainer
+        self._proc: subprocess.Popen | None = None
+        self._instant: deque[tuple[str, str, list[dict], concurrent.futures.Future]] = deque()
         self.metrics = metrics
         self.max_queued_requests, self.max_queued_users = max_queued_requests, max_queued_users
         self.max_consecutive_failures = max_consecutive_failures
@@ -106,12 +122,29 @@ class Engine:
 
     def start(self) -> None:
         """Resume the jobs the store holds (accepted before a restart, or interrupted in training), then serve."""
-        for user, job in self.pm.store.pending_jobs():
-            self._train[user] = job
-        if self._train:
-            log.info("resuming %d personalization jobs accepted before this server started", len(self._train))
+        pending = self.pm.store.pending_jobs()
+        if self.trainer == "inline":
+            for user, job in pending:
+                self._train[user] = job
+        if pending:
+            log.info("resuming %d personalization jobs accepted before this server started", len(pending))
+            self._ensure_trainer()
         self._started = True
         self._thread.start()
+
+    def _ensure_trainer(self) -> None:
+        """The trainer process (trainer=process), started on first need and again if it died."""
+        if self.trainer != "process" or self._stopping:
+            return
+        with self._cv:
+            if self._proc is not None and self._proc.poll() is None:
+                return
+            if self._proc is not None:
+                log.warning("the trainer process exited with %s; starting another", self._proc.returncode)
+            dtype = str(next(self.pm.model.parameters()).dtype).removeprefix("torch.")
+            self._proc = subprocess.Popen([sys.executable, "-m", "perfit.serve.trainer", "--run_dir", self.pm.run_dir,
+                                           "--mode", "train" if self.mode == "train" else "instant+train",
+                                           "--device", str(self.pm.device), "--dtype", dtype])
 
     def stop(self, timeout: float = 60.0) -> None:
         """Finish the job in hand (a store write is never cut), refuse what is still waiting. Queued personalization
@@ -122,6 +155,13 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
         self._fail_waiting(ShuttingDown("the server is shutting down"))
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()  # it finishes the group in hand (a store write is never cut)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
     def health(self) -> dict:
         if self.fatal is not None:
@@ -148,20 +188,34 @@ class Engine:
             self._gauges()
         return req.future
 
-    def personalize(self, user_id: str, items: list[dict]) -> dict:
+    def personalize(self, user_id: str, items: list[dict], timeout: float | None = None) -> dict:
         """Queue a (re)training of the user on `items`: written to the run's store (one transaction) before this
-        returns, so that a 202 survives a crash; a newer post for the same user replaces a job still waiting."""
+        returns, so that a 202 survives a crash; a newer post for the same user replaces a job still waiting. In the
+        instant modes the generated shift is stored before this returns (the worker makes it, between batches);
+        with instant+train the job stays queued to refine it."""
         with self._cv:
             self._admit()
-            if user_id not in self._train and len(self._train) >= self.max_queued_users:
+            if user_id not in self._train and self.training_queue() >= self.max_queued_users:
                 self._rejected("training_queue_full")
                 raise Overloaded(f"the training queue is full ({self.max_queued_users} users waiting, "
                                  f"--max_queued_users); retry later", retry_after=5)
         job = self.pm.store.enqueue(user_id, items)
+        if self.mode != "train":
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            with self._cv:
+                self._admit()
+                self._instant.append((user_id, job, items, done))
+                self._cv.notify_all()
+            done.result(timeout)
+        if self.mode != "instant":
+            if self.trainer == "inline":
+                with self._cv:
+                    self._train[user_id] = job
+                    self._train.move_to_end(user_id)
+                    self._cv.notify_all()
+            else:
+                self._ensure_trainer()
         with self._cv:
-            self._train[user_id] = job
-            self._train.move_to_end(user_id)
-            self._cv.notify_all()
             self._gauges()
         return self.user_status(user_id)
 
@@ -182,17 +236,28 @@ class Engine:
             stored = None
         st = {k: v for k, v in (job or {}).items() if k != "job_id"}
         if stored is not None:
-            shift = {k: stored.get(k) for k in ("trained_at", "items", "final_loss", "train_seconds")}
+            shift = {k: stored.get(k) for k in ("trained_at", "items", "final_loss", "train_seconds")} | {
+                "mode": stored.get("mode", "train")}
             if not st:
                 st = {"status": "ready"} | shift
+            elif stored.get("mode") == "instant" and st.get("status") in ("queued", "training") \
+                    and stored.get("history_digest") == self._digest(user_id, job):
+                st = {"status": "ready"} | shift | {"refining": st["status"]}  # its instant shift serves meanwhile
             else:
                 st["serving"] = shift  # the previous shift serves until the new one is stored
         return {"user_id": user_id, **(st or {"status": "none"})}
+
+    def _digest(self, user_id: str, job: dict | None) -> str | None:
+        """The history digest of the user's queued job (what its instant shift was generated from)."""
+        items = self.pm.store.job_items(user_id)
+        return None if items is None else history_digest(self.pm.personal_examples(user_id, items))
 
     def queue_depth(self) -> int:
         return len(self._gen)
 
     def training_queue(self) -> int:
+        if self.trainer == "process" and self.mode != "instant":
+            return len(self.pm.store.pending_jobs())
         return len(self._train)
 
     # ---------------------------------------------------------------- the worker
@@ -216,12 +281,13 @@ class Engine:
         try:
             while True:
                 with self._cv:
-                    while not (self._gen or self._train or self._erase or self._stopping):
+                    while not (self._gen or self._train or self._erase or self._instant or self._stopping):
                         self._cv.wait()
                     if self._stopping:
                         return
                 fault_point("engine.loop")
                 self._erasures()
+                self._instant_shifts()
                 self._generation()
                 self._training()
                 with self._cv:
@@ -238,9 +304,10 @@ class Engine:
 
     def _fail_waiting(self, error: Exception) -> None:
         with self._cv:
-            waiting = [r.future for r in self._gen] + [f for _, f in self._erase]
+            waiting = [r.future for r in self._gen] + [f for _, f in self._erase] + [f for *_, f in self._instant]
             self._gen.clear()
             self._erase.clear()
+            self._instant.clear()
         for f in waiting:
             _settle(f, error=error)
 
@@ -258,6 +325,30 @@ class Engine:
                 log.exception("erasing user %r failed", uid)
                 self._failed("erase")
                 _settle(f, error=WorkerError(f"erasing the user failed: {type(e).__name__}: {e}"))
+
+    def _instant_shifts(self) -> None:
+        """Generated shifts of the users posted since the last turn, in one pass, each stored before its post returns
+        (only while its job is current: an erasure or a newer post in between wins)."""
+        with self._cv:
+            taken = list(self._instant)
+            self._instant.clear()
+        if not taken:
+            return
+        latest = {u: (job, items) for u, job, items, _ in taken}
+        try:
+            fault_point("engine.instant")
+            self.pm.personalize({u: items for u, (_, items) in latest.items()}, desc="serve: instant", mode="instant",
+                                jobs={u: job for u, (job, _) in latest.items()}, keep_jobs=self.mode != "instant")
+        except Exception as e:  # noqa: BLE001 - the posts learn why; the jobs stay queued for training
+            log.exception("instant personalization failed for %s", list(latest))
+            self._failed("instant")
+            for *_, f in taken:
+                _settle(f, error=WorkerError(f"instant personalization failed: {type(e).__name__}: {e}"))
+            return
+        if self.metrics is not None:
+            self.metrics.trainings.labels(outcome="instant").inc(len(latest))
+        for *_, f in taken:
+            _settle(f, True)
 
     def _generation(self) -> None:
         with self._cv:

@@ -69,9 +69,9 @@ def fit_collective(model, tok, cfg, hidden_size: int, first: int, last: int, exa
 
 
 def train_group(model, tok, cfg, collective: Shifter, first: int, last: int, examples: dict[str, list[Example]],
-                items: dict[str, int], desc: str, train_kw: dict):
-    """One group of users trained together from P0 (`examples`: each user's own; `items`: how many history items it
-    had). Returns ({user: tensors}, {user: report})."""
+                items: dict[str, int], desc: str, train_kw: dict, start: dict[str, dict] | None = None):
+    """One group of users trained together from P0, or from `start` ({user: tensors}, e.g. generated shifts)
+    (`examples`: each user's own; `items`: how many history items it had). Returns ({user: tensors}, {user: report})."""
     c = cfg
     group = list(examples)
     module_of = {u: k for k, u in enumerate(group)}
@@ -82,6 +82,8 @@ def train_group(model, tok, cfg, collective: Shifter, first: int, last: int, exa
     val = tokenize_examples(tok, [e for u in group for e in examples[u][len(examples[u]) - n_val[u]:]], c.max_length,
                             module_of)
     sh = collective.spawn(len(group))
+    for u in start or {}:
+        sh.load_user_state(module_of[u], start[u])
     with sh.attached(model):
         stats = train_shifts(model, sh, ex, epochs=c.max_epoch, batch_size=c.batch_size, lr=c.user_lr,
                              train_collective=False, pad_id=tok.pad_token_id, first=first, last=last, seed=c.seed,

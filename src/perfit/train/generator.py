@@ -1,0 +1,164 @@
+"""The shift generator's episodic training on the stage-1 users (never a test user, never a query).
+
+Each episode is one stage-1 user: its last-shuffled `gen_targets` items are the targets, the rest the profile the
+generator reads; the targets' next-token loss, through the frozen model with the collective shift and the generated
+personal shift, trains the generator. Every `gen_users_per_step` users make one step. Some stage-1 users are held out
+from its training (their last items the targets, the rest the profile): the epoch whose held-out loss is lowest is kept,
+and the generator stays at P0 (head zero) if no epoch beats P0 there. Item features and the frozen states entering the
+lowest shifted layer are computed once, in one pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+
+import torch
+
+from ..batching import tokenize_examples
+from ..generator import GeneratorSpec, ShiftGenerator, item_features, personal_weights
+from ..progress import progress
+from ..prompts import Example
+from ..shifts import Shifter
+from .forward import forward_loss
+
+log = logging.getLogger("perfit")
+
+
+def split_users(users: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held out): a user is held out by a hash of (seed, its id), so the split never depends on the others."""
+    def h(u: str) -> float:
+        return int(hashlib.sha256(f"{seed}:{u}".encode()).hexdigest()[:8], 16) / 2**32
+    held = [u for u in users if h(u) < fraction]
+    if not held and len(users) >= 4:
+        held = [min(users, key=h)]
+    return [u for u in users if u not in held], held
+
+
+def _episode_loss(model, sh: Shifter, gen: ShiftGenerator, p0: dict, feats: torch.Tensor, ex, lower, episodes,
+                  pad_id: int, first: int, last: int, low: int, max_rows: int, backward: bool) -> tuple[float, int]:
+    """Sum of token losses and tokens over `episodes` [(profile item idx, target item idx)], one personal module per
+    episode; with `backward`, each user's loss is its mean token loss over the episodes and gradients reach `gen`."""
+    z = torch.stack([feats[p].mean(0) for p, _ in episodes]).to(next(gen.parameters()).device)
+    given = personal_weights(p0, gen(z))
+    rows = [(k, i) for k, (_, tg) in enumerate(episodes) for i in tg]
+    tokens = {k: sum(len(ex[i].ids) - ex[i].prompt_len for i in tg) for k, (_, tg) in enumerate(episodes)}
+    total, ntok = 0.0, 0
+    for s in range(0, len(rows), max_rows):
+        part = rows[s: s + max_rows]
+        batch = []
+        for k, i in part:
+            r = ex[i]
+            batch.append(type(r)(r.ids, r.prompt_len, k, r.key))
+        w = [1.0 / (tokens[k] * len(episodes)) for k, _ in part]
+        with sh.personal_given(given):
+            loss, sums, toks = forward_loss(model, sh, batch, w, pad_id, first, last,
+                                            None if lower is None else [lower[i] for _, i in part], low)
+        if backward:
+            loss.backward(retain_graph=s + max_rows < len(rows))
+        total, ntok = total + float(sums.sum()), ntok + sum(toks)
+    return total, ntok
+
+
+def fit_generator(model, tok, cfg, collective: Shifter, first: int, last: int, per_user: dict[str, list[Example]],
+                  desc: str = "shift generator", cache_max_bytes: int = 2 * 1024**3) -> tuple[ShiftGenerator, dict]:
+    """Train a generator on `per_user` (stage-1 users' examples). Returns it (in eval mode) and its report."""
+    t0 = time.perf_counter()
+    c = cfg
+    device = next(model.parameters()).device
+    users = sorted(u for u, exs in per_user.items() if len(exs) >= 2)
+    train_users, held = split_users(users, c.gen_holdout_fraction, c.seed)
+    if len(train_users) < 2:
+        raise ValueError(f"the shift generator needs stage-1 users with at least 2 items each; found {len(users)}")
+    flat = [e for u in users for e in per_user[u]]
+    ex = tokenize_examples(tok, flat, c.max_length)
+    idx_of, k = {}, 0
+    for u in users:
+        idx_of[u] = list(range(k, k + len(per_user[u])))
+        k += len(per_user[u])
+    low = min(c.layers)
+    d = collective.personal[str(low)].hidden
+    need = sum(len(e.ids) for e in ex) * d * next(model.parameters()).element_size()
+    feats, lower = item_features(model, ex, c.layers, tok.pad_token_id, lower_layer=low if need <= cache_max_bytes else None)
+    feat_s = time.perf_counter() - t0
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    gen = ShiftGenerator(GeneratorSpec(d, list(c.layers), collective.personal[str(low)].rank, c.gen_width,
+                                       c.gen_dropout)).to(device, dtype)
+    torch.manual_seed(c.seed)
+    gen.set_standardisation(torch.stack([feats[idx_of[u]].mean(0) for u in train_users]).to(device, dtype))
+    p0 = {k2: v.to(device) for k2, v in collective.user_state(0).items()}
+    opt = torch.optim.AdamW(gen.parameters(), lr=c.gen_lr, weight_decay=c.gen_weight_decay)
+    n_t = c.gen_targets
+    # held-out episodes are fixed: each held-out user's last items are its targets
+    val_eps = [(idx_of[u][: -min(n_t, len(idx_of[u]) - 1)], idx_of[u][-min(n_t, len(idx_of[u]) - 1):]) for u in held]
+    B = c.gen_users_per_step
+    sh = collective.spawn(B)
+    rng = random.Random(f"{c.seed}:generator")
+
+    def held_out_loss() -> float | None:
+        if not val_eps:
+            return None
+        gen.eval()
+        tot, n = 0.0, 0
+        with torch.no_grad(), sh.attached(model):
+            for s in range(0, len(val_eps), B):
+                a, b = _episode_loss(model, sh, gen, p0, feats, ex, lower, val_eps[s: s + B], tok.pad_token_id, first,
+                                     last, low, c.rows_per_pass, backward=False)
+                tot, n = tot + a, n + b
+        return tot / max(n, 1)
+
+    val = [held_out_loss()]
+    best, best_epoch, best_state, bad = val[0], 0, {k2: v.clone() for k2, v in gen.state_dict().items()}, 0
+    train_losses = []
+    steps_per_epoch = -(-len(train_users) // B)
+    bar = progress(range(c.gen_epochs * steps_per_epoch), desc=desc)
+    it = iter(bar)
+    for epoch in range(1, c.gen_epochs + 1):
+        gen.train()
+        order = list(train_users)
+        rng.shuffle(order)
+        tot, n = 0.0, 0
+        with sh.attached(model):
+            for s in range(0, len(order), B):
+                eps = []
+                for u in order[s: s + B]:
+                    items = list(idx_of[u])
+                    rng.shuffle(items)
+                    t = min(n_t, len(items) - 1)
+                    eps.append((items[t:], items[:t]))
+                opt.zero_grad()
+                a, b = _episode_loss(model, sh, gen, p0, feats, ex, lower, eps, tok.pad_token_id, first, last, low,
+                                     c.rows_per_pass, backward=True)
+                opt.step()
+                tot, n = tot + a, n + b
+                next(it, None)
+                bar.set_postfix(loss=f"{a / max(b, 1):.3f}", refresh=False)
+        train_losses.append(tot / max(n, 1))
+        val.append(held_out_loss())
+        log.info("%s: epoch %d, training loss %.4f, held-out loss %s", desc, epoch, train_losses[-1],
+                 "n/a" if val[-1] is None else f"{val[-1]:.4f}")
+        if val[-1] is None or val[-1] < best:
+            best, best_epoch, bad = val[-1], epoch, 0
+            best_state = {k2: v.clone() for k2, v in gen.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= c.gen_patience:
+                break
+    bar.close()
+    gen.load_state_dict(best_state)
+    gen.eval()
+    for p in gen.parameters():
+        p.requires_grad_(False)
+    report = {"users_train": len(train_users), "users_held_out": len(held), "items": len(ex),
+              "parameters": gen.num_parameters(), "epochs_run": len(train_losses), "best_epoch": best_epoch,
+              "held_out_loss_p0": val[0], "held_out_loss": val, "train_loss": train_losses,
+              "feature_seconds": round(feat_s, 2), "train_seconds": round(time.perf_counter() - t0, 2)}
+    if val[0] is not None and best_epoch == 0:
+        log.warning("%s: no epoch beat P0 on the %d held-out stage-1 users (loss %.4f): the generator gives P0, the "
+                    "stage-1 shift, to every user; more stage-1 users or other --gen_* settings may help", desc,
+                    len(held), val[0])
+    log.info("%s: %d users (%d held out), best epoch %d, held-out loss %s -> %s, %.1fs", desc, len(train_users),
+             len(held), best_epoch, None if val[0] is None else round(val[0], 4),
+             None if best is None else round(best, 4), report["train_seconds"])
+    return gen, report
