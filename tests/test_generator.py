@@ -134,12 +134,15 @@ def test_no_test_users_data_reaches_the_generator(tiny_model_dir, data, tmp_path
 
     def spy(self, per_user, desc="shift generator"):
         seen.update(per_user)
+        self.set_generator(ShiftGenerator(GeneratorSpec(64, [1, 2], 2)), {})
         return {}
 
     monkeypatch.setattr(PerFitModel, "fit_generator", spy)
     cfg = run_cfg(tiny_model_dir, data, str(tmp_path / "out"), generator=1)
     exp = pipeline.prepare(cfg)
-    pipeline.ensure_stage1(exp, pipeline.open_model(exp))
+    pm = pipeline.open_model(exp)
+    pipeline.ensure_stage1(exp, pm)
+    pipeline.ensure_generator(exp, pm)
     td = load_task_data(data, "movie_tagging")
     tests = {u.user_id for u in td.test_users}
     queries = {q.input for u in td.test_users for q in u.query}

@@ -116,7 +116,7 @@ class RunConfig:
                         "GENERATOR_MIN_USERS stage-1 users.", ("generator",), choices=(-1, 0, 1))
     gen_width: int = _f(128, "Shift generator: hidden width of its MLP.", ("generator",), min=1)
     gen_dropout: float = _f(0.1, "Shift generator: dropout on its input and hidden layer while it trains.", ("generator",), min=0)
-    gen_lr: float = _f(1e-3, "Shift generator: AdamW learning rate.", ("generator",), min=0)
+    gen_lr: float = _f(1e-4, "Shift generator: AdamW learning rate.", ("generator",), min=0)
     gen_weight_decay: float = _f(0.01, "Shift generator: AdamW weight decay.", ("generator",), min=0)
     gen_epochs: int = _f(12, "Shift generator: most epochs over the stage-1 users (the best on held-out users is kept).",
                          ("generator",), min=1)

@@ -217,27 +217,36 @@ def ensure_stage1(exp: Experiment, pm: PerFitModel) -> None:
                     break
     _share_stage1(pm)
     reused = pm.collective is not None
-    need_gen = bool(exp.cfg.generator) and not pm.load_generator_if_current()
-    if need_gen and dist.is_main():
-        for ckpt in _sibling_checkpoints(exp):
-            if pm.adopt_generator(os.path.join(os.path.dirname(os.path.dirname(ckpt)), GENERATOR)):
-                log.info("shift generator: reusing the one of %s (same stage 1 and generator settings)", ckpt)
-                need_gen = False
-                break
-    by_user: dict[str, list[Example]] | None = {} if need_gen else None
-    examples = scan_training_data(exp, collect=not reused, by_user=by_user)
+    examples = scan_training_data(exp, collect=not reused)
     if not reused:
         pm.fit_collective(examples, fresh=bool(exp.cfg.overwrite))
     exp.timings["stage1_train_seconds"] = pm.stage1_meta.get("train_seconds", 0.0)
-    if need_gen:
-        if len(by_user) < 20:
-            _warn_once(f"shift generator: only {len(by_user)} stage-1 users to learn from; a generator needs many "
-                       f"(100 or more) to map a history to a shift")
-        pm.fit_generator(by_user)
-    if pm.generator is not None:
-        exp.timings["generator_train_seconds"] = pm.generator_meta.get("report", {}).get("train_seconds", 0.0)
     if dist.is_main():
         pm.save_config()
+
+
+def ensure_generator(exp: Experiment, pm: PerFitModel) -> None:
+    """This run's shift generator: reused (this run's, or a sibling's with the same generator key) or learned from the
+    stage-1 users' examples (the same checked scan of user_others.json as stage 1). Under torchrun rank 0 learns it
+    and the other ranks load it."""
+    if pm.load_generator_if_current():
+        log.info("shift generator: reusing %s", os.path.join(exp.run_dir, GENERATOR))
+    elif dist.is_main():
+        for ckpt in _sibling_checkpoints(exp):
+            if pm.adopt_generator(os.path.join(os.path.dirname(os.path.dirname(ckpt)), GENERATOR)):
+                log.info("shift generator: reusing the one of %s (same stage 1 and generator settings)", ckpt)
+                break
+        else:
+            by_user: dict[str, list[Example]] = {}
+            scan_training_data(exp, collect=False, by_user=by_user)
+            if len(by_user) < 100:
+                _warn_once(f"shift generator: only {len(by_user)} stage-1 users to learn from; a generator needs many "
+                           f"(100 or more) to map a history to a shift")
+            pm.fit_generator(by_user)
+    dist.barrier()
+    if pm.generator is None and not pm.load_generator_if_current():
+        raise RunStateError(f"{exp.run_dir}: rank {dist.rank()} found no shift generator after rank 0 made it")
+    exp.timings["generator_train_seconds"] = pm.generator_meta.get("report", {}).get("train_seconds", 0.0)
 
 
 def ensure_users(exp: Experiment, pm: PerFitModel, label: str = "stage 2") -> None:
@@ -331,6 +340,8 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict | None:
     exp = prepare(cfg)
     pm = open_model(exp, backbone)
     ensure_stage1(exp, pm)
+    if exp.cfg.generator:
+        ensure_generator(exp, pm)
     ensure_users(exp, pm)
     if not dist.is_main():
         return None
@@ -341,7 +352,10 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict | None:
 
 def stage1_only(cfg: RunConfig, backbone: Backbone | None = None) -> str:
     exp = prepare(cfg)
-    ensure_stage1(exp, open_model(exp, backbone))
+    pm = open_model(exp, backbone)
+    ensure_stage1(exp, pm)
+    if exp.cfg.generator:
+        ensure_generator(exp, pm)
     return os.path.join(exp.run_dir, CKPT)
 
 
@@ -359,6 +373,8 @@ def stage2_only(cfg: RunConfig, backbone: Backbone | None = None) -> str:
         _require_stage1(exp, pm)
     _share_stage1(pm)
     scan_training_data(exp, collect=False)
+    if exp.cfg.generator:
+        ensure_generator(exp, pm)
     ensure_users(exp, pm)
     return os.path.join(exp.run_dir, USERS)
 

@@ -240,6 +240,23 @@ def _lora_method(exp, cfg, method: str) -> dict:
 
 
 # one entry per method: what it is, and how it runs
+def _perfit_mode(exp, method: str, mode: str) -> dict:
+    """PerFit with another way to personalize (its own run dir; stage 1 and the generator reused from a sibling)."""
+    exp = pipeline.prepare(dataclasses.replace(exp.cfg, personalize=mode, generator=1))
+    pm = pipeline.open_model(exp)
+    pipeline.ensure_stage1(exp, pm)
+    pipeline.ensure_generator(exp, pm)
+    pipeline.ensure_users(exp, pm)
+    preds, gen_s = _timed_generate(pm, exp, variant="perfit", desc=method)
+    sh = pm.collective
+    shared = exp.timings["stage1_train_seconds"] + exp.timings.get("generator_train_seconds", 0.0)
+    return _record(exp, method, preds, pm.device, params_shared=sh.collective_parameters() + sh.personal_parameters()
+                   + pm.generator.num_parameters(), train_seconds_shared=shared, generate_seconds_per_query=gen_s,
+                   settings=_shift_settings(exp.cfg) | {"personalize": mode, "warm_epochs": exp.cfg.warm_epochs,
+                                                        "generator": pm.generator_meta.get("report", {})},
+                   **_personal_cost(exp, pm))
+
+
 REGISTRY = {
     "user_majority": ("no model: the user's most frequent label (headlines: title of the BM25-closest history article)", _user_majority),
     "global_majority": ("no model: the label most frequent over the other users' examples, for every query", _global_majority),

@@ -1,9 +1,12 @@
 """The serving engine: one worker thread owns the model, so generation, training and erasure never run at once on it.
 
 Each turn of the worker: pending erasures first (once DELETE is received nothing more is answered with the erased
-shift), then one generation batch (the requests that arrived within max_wait_ms of the first, up to max_batch_size,
-answered in one mixed-user pass, each user's shift read from the store once for the batch), then one personalization
-group (users waiting to train, up to user_group_size, trained together).
+shift), then the instant shifts of the users posted since the last turn (runs with a shift generator: one pass, stored
+before their posts return), then one generation batch (the requests that arrived within max_wait_ms of the first, up to
+max_batch_size, answered in one mixed-user pass, each user's shift read from the store once for the batch), then, with
+the inline trainer, one personalization group (users waiting to train, up to user_group_size, trained together: every
+request waits for it). The process trainer (`serve.trainer`) trains beside the worker instead, at the lowest CPU
+priority, and hands shifts over through the store; the worker restarts it if it dies.
 
 What it promises:
 - Durable jobs: an accepted history is queued in the run's store before `personalize` returns; a restarted engine
@@ -32,6 +35,7 @@ from ..model import Completion, PerFitModel
 from ..store import history_digest
 
 log = logging.getLogger("perfit")
+TRAINER_CHECK_S = 5.0  # how often an idle worker checks that the trainer process is alive
 
 
 class ShuttingDown(Exception):
@@ -145,6 +149,9 @@ class Engine:
             self._proc = subprocess.Popen([sys.executable, "-m", "perfit.serve.trainer", "--run_dir", self.pm.run_dir,
                                            "--mode", "train" if self.mode == "train" else "instant+train",
                                            "--device", str(self.pm.device), "--dtype", dtype])
+
+    def _trainer_died(self) -> bool:
+        return self._proc is not None and self._proc.poll() is not None and not self._stopping
 
     def stop(self, timeout: float = 60.0) -> None:
         """Finish the job in hand (a store write is never cut), refuse what is still waiting. Queued personalization
@@ -282,9 +289,12 @@ class Engine:
             while True:
                 with self._cv:
                     while not (self._gen or self._train or self._erase or self._instant or self._stopping):
-                        self._cv.wait()
+                        if not self._cv.wait(TRAINER_CHECK_S) and self._trainer_died():
+                            break
                     if self._stopping:
                         return
+                if self._trainer_died() and self.pm.store.pending_jobs():
+                    self._ensure_trainer()
                 fault_point("engine.loop")
                 self._erasures()
                 self._instant_shifts()

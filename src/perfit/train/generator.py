@@ -13,9 +13,11 @@ import hashlib
 import logging
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
+from ..backbone import text_config
 from ..batching import tokenize_examples
 from ..generator import GeneratorSpec, ShiftGenerator, item_features, personal_weights
 from ..progress import progress
@@ -61,27 +63,48 @@ def _episode_loss(model, sh: Shifter, gen: ShiftGenerator, p0: dict, feats: torc
     return total, ntok
 
 
-def fit_generator(model, tok, cfg, collective: Shifter, first: int, last: int, per_user: dict[str, list[Example]],
-                  desc: str = "shift generator", cache_max_bytes: int = 2 * 1024**3) -> tuple[ShiftGenerator, dict]:
-    """Train a generator on `per_user` (stage-1 users' examples). Returns it (in eval mode) and its report."""
+@dataclass
+class EpisodeData:
+    """What the generator's training reads, computed once: the stage-1 users' tokenized items, their features and the
+    frozen states entering the lowest shifted layer (None: recomputed each pass), and the held-out split."""
+    ex: list
+    feats: torch.Tensor
+    lower: list | None
+    idx_of: dict[str, list[int]]
+    train_users: list[str]
+    held: list[str]
+    seconds: float
+
+
+def episode_data(model, tok, cfg, per_user: dict[str, list[Example]], cache_max_bytes: int) -> EpisodeData:
     t0 = time.perf_counter()
-    c = cfg
-    device = next(model.parameters()).device
     users = sorted(u for u, exs in per_user.items() if len(exs) >= 2)
-    train_users, held = split_users(users, c.gen_holdout_fraction, c.seed)
+    train_users, held = split_users(users, cfg.gen_holdout_fraction, cfg.seed)
     if len(train_users) < 2:
         raise ValueError(f"the shift generator needs stage-1 users with at least 2 items each; found {len(users)}")
-    flat = [e for u in users for e in per_user[u]]
-    ex = tokenize_examples(tok, flat, c.max_length)
+    ex = tokenize_examples(tok, [e for u in users for e in per_user[u]], cfg.max_length)
     idx_of, k = {}, 0
     for u in users:
         idx_of[u] = list(range(k, k + len(per_user[u])))
         k += len(per_user[u])
+    low = min(cfg.layers)
+    need = sum(len(e.ids) for e in ex) * text_config(model).hidden_size * next(model.parameters()).element_size()
+    feats, lower = item_features(model, ex, cfg.layers, tok.pad_token_id, lower_layer=low if need <= cache_max_bytes else None)
+    return EpisodeData(ex, feats, lower, idx_of, train_users, held, time.perf_counter() - t0)
+
+
+def fit_generator(model, tok, cfg, collective: Shifter, first: int, last: int, per_user: dict[str, list[Example]],
+                  desc: str = "shift generator", cache_max_bytes: int = 2 * 1024**3,
+                  data: EpisodeData | None = None) -> tuple[ShiftGenerator, dict]:
+    """Train a generator on `per_user` (stage-1 users' examples; or on `data` computed from them already). Returns it
+    (in eval mode) and its report."""
+    c = cfg
+    data = data or episode_data(model, tok, cfg, per_user, cache_max_bytes)
+    t0 = time.perf_counter()
+    ex, feats, lower, idx_of, train_users, held = data.ex, data.feats, data.lower, data.idx_of, data.train_users, data.held
+    device = next(model.parameters()).device
     low = min(c.layers)
     d = collective.personal[str(low)].hidden
-    need = sum(len(e.ids) for e in ex) * d * next(model.parameters()).element_size()
-    feats, lower = item_features(model, ex, c.layers, tok.pad_token_id, lower_layer=low if need <= cache_max_bytes else None)
-    feat_s = time.perf_counter() - t0
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     gen = ShiftGenerator(GeneratorSpec(d, list(c.layers), collective.personal[str(low)].rank, c.gen_width,
                                        c.gen_dropout)).to(device, dtype)
@@ -130,6 +153,7 @@ def fit_generator(model, tok, cfg, collective: Shifter, first: int, last: int, p
                 opt.zero_grad()
                 a, b = _episode_loss(model, sh, gen, p0, feats, ex, lower, eps, tok.pad_token_id, first, last, low,
                                      c.rows_per_pass, backward=True)
+                torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)  # a few users' loss must not throw it far
                 opt.step()
                 tot, n = tot + a, n + b
                 next(it, None)
@@ -153,7 +177,8 @@ def fit_generator(model, tok, cfg, collective: Shifter, first: int, last: int, p
     report = {"users_train": len(train_users), "users_held_out": len(held), "items": len(ex),
               "parameters": gen.num_parameters(), "epochs_run": len(train_losses), "best_epoch": best_epoch,
               "held_out_loss_p0": val[0], "held_out_loss": val, "train_loss": train_losses,
-              "feature_seconds": round(feat_s, 2), "train_seconds": round(time.perf_counter() - t0, 2)}
+              "feature_seconds": round(data.seconds, 2),
+              "train_seconds": round(data.seconds + time.perf_counter() - t0, 2)}
     if val[0] is not None and best_epoch == 0:
         log.warning("%s: no epoch beat P0 on the %d held-out stage-1 users (loss %.4f): the generator gives P0, the "
                     "stage-1 shift, to every user; more stage-1 users or other --gen_* settings may help", desc,
