@@ -34,11 +34,14 @@ from perfit.serve.launch import launch, stop
 N_USERS = 1000
 
 
-def make_run(work: str, task: str) -> str:
-    run = os.path.join(work, "output", task, "latest")
+def make_run(work: str, task: str, generator: bool = False) -> str:
+    """`generator`: the run also has a shift generator (one epoch: quality does not matter here)."""
+    out = os.path.join(work, "output-generator" if generator else "output")
+    run = os.path.join(out, task, "latest")
     if os.path.isfile(os.path.join(run, "results.json")):
         return os.path.realpath(run)
-    cfg = RunConfig(task_name=task, output_dir=os.path.join(work, "output"), stage1_epochs=1, max_epoch=1, max_users=4)
+    extra = dict(generator=1, gen_epochs=1, max_stage1_examples=300) if generator else {}
+    cfg = RunConfig(task_name=task, output_dir=out, stage1_epochs=1, max_epoch=1, max_users=4, **extra)
     return pipeline.run(cfg)["run_dir"]
 
 

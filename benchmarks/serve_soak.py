@@ -10,7 +10,8 @@ every answer is checked against PerFitModel.complete with the shift version it w
 3. One operator thread changes the changing users: with the embedded engine it posts histories (202) and erases
    (DELETE) through the server; with vLLM it writes shifts into the run's store and erases them there (what
    `perfit personalize` and `perfit forget` do). The embedded server runs with faults injected in its worker
-   (PERFIT_FAULT: every 11th generation batch and every 4th training group raise).
+   (PERFIT_FAULT: every 11th generation batch, every 4th training group and every 5th instant pass raise; the
+   trainer process inherits them).
 4. A chaos thread kills the server every --seconds / (--restarts + 1) and starts it again on the same port.
 5. After the last restart, the embedded server drains its training queue; then it is stopped and every answer is
    compared with PerFitModel.complete computed for the shift it was answered with: the embedded engine reports the
@@ -19,6 +20,7 @@ every answer is checked against PerFitModel.complete with the shift version it w
    1e-3 (the near-tie rule of the vLLM tests).
 
     python benchmarks/serve_soak.py [--engine embedded|vllm|both] [--seconds 150] [--clients 6] [--restarts 2]
+        [--personalize train|instant|instant+train] [--trainer process|inline]
 
 One line per engine, last: requests=N errors_5xx=N wrong_answers=N leaked=N lost_jobs=N hung=N restarts=K, where a
 wrong answer differs from the reference, a leaked one is a wrong answer that another user's shift (or a stranger's
@@ -50,7 +52,7 @@ from perfit.serve.launch import free_port, kill_group, launch, stop  # noqa: E40
 from perfit.store import UserStore  # noqa: E402
 
 STABLE, CHANGING, STRANGERS = 3, 6, 2
-FAULTS = "engine.generate%11=raise,engine.train%4=raise"
+FAULTS = "engine.generate%11=raise,engine.train%4=raise,engine.instant%5=raise"
 
 
 class Soak:
@@ -84,7 +86,8 @@ class Soak:
     def start(self):
         # vLLM two requests at a time: the others wait admitted while users change (the window a version read twice
         # would open)
-        extra = ["--dtype", "float64", "--max_wait_ms", "5"] if self.engine == "embedded" else \
+        extra = ["--dtype", "float64", "--max_wait_ms", "5", "--personalize", self.args.personalize, "--trainer",
+                 self.args.trainer] if self.engine == "embedded" else \
             ["--engine", "vllm", "--dtype", "float32", "--max_batch_size", "2", "--vllm_args=--block-size 32"]
         env = dict(os.environ, PERFIT_FAULT=FAULTS) if self.engine == "embedded" else None
         self.proc, _ = launch(self.run, *extra, "--device", "cpu", port=self.port, env=env, new_session=True,
@@ -346,8 +349,11 @@ def main():
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300, help="a request unanswered after this many seconds is hung")
     ap.add_argument("--work_dir", default="/tmp/perfit-bench/serve")
+    ap.add_argument("--personalize", choices=["train", "instant", "instant+train"], default="train",
+                    help="embedded engine: how posted histories become shifts (instant modes: the run gets a generator)")
+    ap.add_argument("--trainer", choices=["process", "inline"], default="process", help="embedded engine: where it trains")
     args = ap.parse_args()
-    base = make_run(args.work_dir, "movie_tagging")
+    base = make_run(args.work_dir, "movie_tagging", generator=args.personalize != "train")
     td = run_data(base, "movie_tagging")
     engines = ["embedded", "vllm"] if args.engine == "both" else [args.engine]
     if "vllm" in engines:

@@ -22,7 +22,7 @@ def _cfg(tiny_model_dir, data_dir, out, **kw):
 
 @pytest.fixture(scope="module")
 def done(tiny_model_dir, data, tmp_path_factory):
-    cfg = _cfg(tiny_model_dir, data, str(tmp_path_factory.mktemp("cmp")))
+    cfg = _cfg(tiny_model_dir, data, str(tmp_path_factory.mktemp("cmp")), methods=",".join(METHODS), gen_epochs=1)
     return cfg, cmp.compare(cfg)
 
 

@@ -147,6 +147,9 @@ ALTERNATIVE = {
     "allow_overlap": 1, "overwrite": 1, "num_users": 3, "num_other_users": 3, "history_per_user": 3, "queries_per_user": 3,
     "methods": "rag", "rag_k": 3, "rag_item_words": 5, "lora_rank": 4, "lora_alpha": 8, "lora_targets": "q_proj",
     "lora_lr": 1e-2, "oppu_lr": 1e-2, "oppu_epochs": 3, "isolate": 0, "reference": "zero_shot",
+    "personalize": "instant", "warm_epochs": 3, "generator": 1, "gen_width": 16, "gen_dropout": 0.2, "gen_lr": 1e-3,
+    "gen_weight_decay": 0.1, "gen_epochs": 2, "gen_patience": 1, "gen_targets": 2, "gen_users_per_step": 4,
+    "gen_holdout_fraction": 0.3,
 }
 
 
@@ -182,12 +185,15 @@ def test_keys_mean_what_they_say():
         return {a for a in k if k[a] != k0[a]}
 
     assert changed(user_lr=1.0) == {"users", "stage2_only"}
-    assert changed(lr=1.0) == {"stage1", "users"}  # not the task LoRA nor OPPU
+    assert changed(lr=1.0) == {"stage1", "generator", "users"}  # not the task LoRA nor OPPU
+    assert changed(gen_lr=1.0) == {"generator", "users"}
+    assert changed(personalize="instant", warm_epochs=1) == {"users"}
     assert changed(lora_lr=1.0) == {"task_lora", "oppu"}
     assert changed(max_users=3) == {"predictions"}
     assert changed(holdout=2) == {"test_data", "users", "stage2_only", "oppu"}  # the store key holds holdout
     assert changed(rows_per_pass=64, user_group_size=2, eval_batch_size=1, cache_max_bytes=0, output_dir="x") == set()
-    assert changed({"stage1_data": "other others file"}) == {"stage1_data", "stage1", "users", "task_lora", "oppu"}
+    assert changed({"stage1_data": "other others file"}) == {"stage1_data", "stage1", "generator", "users", "task_lora",
+                                                             "oppu"}
     assert changed({"test_data": "other templates"}) == {"test_data", "users", "stage2_only", "oppu"}
     # runs differ in their folder exactly when their stage-1 checkpoint or users could differ
     name = base.default_run_dir()

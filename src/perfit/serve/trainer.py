@@ -19,6 +19,8 @@ import signal
 import sys
 import time
 
+from ..faults import fault_point
+
 log = logging.getLogger("perfit")
 POLL_S = 0.2
 
@@ -33,6 +35,7 @@ def train_pending(pm, mode: str, group: int) -> int:
     if not histories:
         return 0
     try:
+        fault_point("engine.train")  # the same fault point as the inline trainer's (soak and fault tests)
         pm.personalize(histories, desc="serve: personalize", jobs={u: jobs[u] for u in histories}, mode=mode)
     except Exception as e:  # noqa: BLE001 - a failed training is the users' status, not the trainer's end
         log.exception("personalization failed for %s", list(histories))

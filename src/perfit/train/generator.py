@@ -33,8 +33,10 @@ def split_users(users: list[str], fraction: float, seed: int) -> tuple[list[str]
     def h(u: str) -> float:
         return int(hashlib.sha256(f"{seed}:{u}".encode()).hexdigest()[:8], 16) / 2**32
     held = [u for u in users if h(u) < fraction]
-    if not held and len(users) >= 4:
+    if not held and len(users) >= 4 and fraction > 0:
         held = [min(users, key=h)]
+    if len(users) - len(held) < 2:  # too few to hold any out: the last epoch is kept
+        held = []
     return [u for u in users if u not in held], held
 
 
@@ -81,7 +83,8 @@ def episode_data(model, tok, cfg, per_user: dict[str, list[Example]], cache_max_
     users = sorted(u for u, exs in per_user.items() if len(exs) >= 2)
     train_users, held = split_users(users, cfg.gen_holdout_fraction, cfg.seed)
     if len(train_users) < 2:
-        raise ValueError(f"the shift generator needs stage-1 users with at least 2 items each; found {len(users)}")
+        raise ValueError(f"the shift generator needs at least 2 stage-1 users with 2 or more items each; found "
+                         f"{len(users)}")
     ex = tokenize_examples(tok, [e for u in users for e in per_user[u]], cfg.max_length)
     idx_of, k = {}, 0
     for u in users:
