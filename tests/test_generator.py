@@ -233,3 +233,17 @@ def test_serving_an_instant_user_then_its_refined_shift(pm64, trainer):
         engine.stop()
     if trainer == "process":
         assert engine._proc.poll() is not None  # the trainer stops with the server
+
+
+def test_features_with_the_shared_instruction_run_once_equal_full_passes(pm64):
+    """A new user's features (instruction once per chunk, rows spliced after it) equal those of full passes, the
+    generator's training features, to float64 rounding; neither depends on the batch an item falls in."""
+    from perfit.generator import item_features
+
+    ex = tokenize_examples(pm64.tok, [pm64.builder.history_example(it, "x") for it in ITEMS], 256)
+    spliced, none = item_features(pm64.model, ex, [1, 2], pm64.tok.pad_token_id)
+    full, lower = item_features(pm64.model, ex, [1, 2], pm64.tok.pad_token_id, lower_layer=1)
+    alone, _ = item_features(pm64.model, ex[2:3], [1, 2], pm64.tok.pad_token_id, chunk=1)
+    assert none is None and len(lower) == len(ex) and spliced.shape == (len(ex), 2 * 2 * 64)
+    torch.testing.assert_close(spliced, full, **EXACT)
+    torch.testing.assert_close(alone[0], full[2], **EXACT)

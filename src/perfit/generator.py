@@ -4,8 +4,9 @@
     dW, db = head(MLP(standardise(z_u)))                           head zero-initialised
     user's shift = P0 with W = W0 + dW, b = b0 + db                R stays P0's
 
-`f(item)` is, at each shifted layer, the frozen model's hidden state averaged over the item's answer tokens and over
-its prompt tokens (the history prompt with its answer, as stage 2 trains on it); no external embedder. The output is
+`f(item)` is, at each shifted layer, the frozen model's hidden state averaged over the item's answer tokens and its
+state at the item's last prompt token (the history prompt with its answer, as stage 2 trains on it); no external
+embedder. The output is
 the same tensors stage 2 trains (`Shifter.user_state`), so the store, versions, erasure and both serving engines take
 a generated shift unchanged, and with the head at zero the generator gives exactly stage 1's P0.
 
@@ -14,6 +15,7 @@ the file format (one safetensors file, its config in the file's own metadata).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 
@@ -21,8 +23,8 @@ import torch
 from torch import nn
 
 from .backbone import decoder_layers
-from .batching import TokenizedExample, make_batch
-from .prefix import capture_layer_input
+from .batching import TokenizedExample, make_batch, shared_prompt_prefix
+from .prefix import cache_kwarg, can_splice, capture_layer_input, pad_left, splice_shared_prefix
 
 FORMAT = "perfit-shift-generator/1"
 
@@ -101,51 +103,80 @@ class _Done(Exception):
     pass
 
 
+@contextlib.contextmanager
+def _outputs_until(model, layers: list[int]):
+    """Yields {layer: output} filled by a pass that stops after the highest of `layers` (wrap the call in
+    `except _Done`)."""
+    blocks, top, got = decoder_layers(model), max(layers), {}
+
+    def hook(l):
+        def fn(module, args, output):
+            got[l] = output[0] if isinstance(output, tuple) else output
+            if l == top:
+                raise _Done
+        return fn
+
+    handles = [blocks[l].register_forward_hook(hook(l)) for l in layers]
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _pool(states: dict[int, torch.Tensor], layers: list[int], row: int, last_prompt: int, answer: slice) -> torch.Tensor:
+    """One item's feature: per layer, the mean state over its answer tokens and the state at its last prompt token."""
+    parts = []
+    for l in layers:
+        h = states[l][row].float()
+        parts += [h[answer].mean(0), h[last_prompt]]
+    return torch.cat(parts).cpu()
+
+
 @torch.no_grad()
 def item_features(model, examples: list[TokenizedExample], layers: list[int], pad_id: int, chunk: int = 16,
                   lower_layer: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Per item [N, 2 * len(layers) * d]: at each shifted layer, the frozen model's state averaged over the item's
-    answer tokens, then over its prompt tokens. One no-grad pass that stops after the highest shifted layer. With
-    `lower_layer`, also each item's states entering that layer (what training caches), else None."""
+    answer tokens, then its state at the last prompt token (where the model decides the answer). One no-grad pass
+    that stops after the highest shifted layer; the instruction the items share runs once per chunk. With
+    `lower_layer`, also each item's states entering that layer (what training caches; full passes), else None."""
     p = next(model.parameters())
-    blocks = decoder_layers(model)
-    top = max(layers)
     lower = [None] * len(examples) if lower_layer is not None else None
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     rows: dict[int, torch.Tensor] = {}
+    dec = model.get_decoder()
     for s in range(0, len(order), chunk):
         idx = order[s: s + chunk]
-        b = make_batch([examples[i].ids for i in idx], [examples[i].prompt_len for i in idx], [0] * len(idx), pad_id, 1, 0).to(p.device)
-        got: dict[int, torch.Tensor] = {}
-
-        def hook(l):
-            def fn(module, args, output):
-                got[l] = output[0] if isinstance(output, tuple) else output
-                if l == top:
-                    raise _Done
-            return fn
-
-        handles = [blocks[l].register_forward_hook(hook(l)) for l in layers]
-        try:
-            with capture_layer_input(model, lower_layer if lower_layer is not None else 0) as captured:
+        exs = [examples[i] for i in idx]
+        Lp = 0 if lower is not None or not can_splice(model) else \
+            shared_prompt_prefix([e.ids[: e.prompt_len] for e in exs], 0, 0)
+        if Lp:  # the shared prefix once, then each row's own tokens after it
+            sp = splice_shared_prefix(model, exs[0].ids[:Lp], [e.prompt_len for e in exs],
+                                      [len(e.ids) - Lp for e in exs], None, None, 0, 0)
+            lay = sp.layout
+            with _outputs_until(model, layers) as got:
                 try:
-                    model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                        position_ids=b.position_ids, use_cache=False)
+                    dec(input_ids=pad_left([e.ids[Lp:] for e in exs], lay.S, pad_id).to(p.device),
+                        attention_mask=lay.mask.to(p.device), position_ids=lay.position_ids.to(p.device),
+                        use_cache=True, **{cache_kwarg(dec): sp.cache})
                 except _Done:
                     pass
-        finally:
-            for h in handles:
-                h.remove()
-        for j, i in enumerate(idx):
-            e, off = examples[i], b.offsets[j]
-            n = len(e.ids)
-            parts = []
-            for l in layers:
-                h = got[l][j].float()
-                parts += [h[off + e.prompt_len: off + n].mean(0), h[off: off + e.prompt_len].mean(0)]
-            rows[i] = torch.cat(parts).cpu()
+            starts = [o - Lp for o in lay.offsets]  # token j of row b sits at column starts[b] + j
+        else:
+            b = make_batch([e.ids for e in exs], [e.prompt_len for e in exs], [0] * len(exs), pad_id, 1, 0).to(p.device)
+            with _outputs_until(model, layers) as got, \
+                    (capture_layer_input(model, lower_layer) if lower is not None else contextlib.nullcontext({})) as cap:
+                try:
+                    dec(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                        use_cache=False)
+                except _Done:
+                    pass
+            starts = b.offsets
+        for j, (i, e) in enumerate(zip(idx, exs)):
+            o = starts[j]
+            rows[i] = _pool(got, layers, j, o + e.prompt_len - 1, slice(o + e.prompt_len, o + len(e.ids)))
             if lower is not None:
-                lower[i] = captured["h"][j, off:].clone()
+                lower[i] = cap["h"][j, o:].clone()
     feats = torch.stack([rows[i] for i in range(len(examples))]) if examples else torch.zeros(0)
     return feats, lower
 
@@ -164,7 +195,7 @@ def load_generator(path: str) -> tuple[ShiftGenerator, dict]:
         if md.get("format") != FORMAT:
             raise ValueError(f"{path}: not a PerFit shift generator (format {md.get('format')!r}, expected {FORMAT})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    gen = ShiftGenerator(GeneratorSpec(**json.loads(md["spec"])))
+    gen = ShiftGenerator(GeneratorSpec(**json.loads(md["spec"]))).to(tensors["head.weight"].dtype)  # as saved
     gen.load_state_dict(tensors)
     gen.eval()
     return gen, json.loads(md["meta"])
