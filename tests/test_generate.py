@@ -112,3 +112,20 @@ def test_decoder_skips_leading_newlines_and_stops_at_the_next(tok):
     assert greedy_generate(_Scripted([nl, nl, a, b, nl, a], len(tok)), tok, [[5, 6]], max_new_tokens=10) == ["ab"]
     assert greedy_generate(_Scripted([a, eos, b], len(tok)), tok, [[5, 6]], max_new_tokens=10) == ["a"]
     assert greedy_generate(_Scripted([a, nl, b], len(tok)), tok, [[5, 6]], max_new_tokens=3, stop_early=False) == ["a"]
+
+
+def test_an_answer_as_long_as_max_length_leaves_no_room_and_says_so(finished_run):
+    """max_new_tokens >= max_length left `limit` <= 0, and `ids[-limit:]` then kept the wrong end of the prompt (or
+    all of it, or nothing): now it is refused, naming the setting."""
+    from perfit import PerFitModel
+    from perfit.batching import tokenize_prompt
+
+    _, res = finished_run
+    pm = PerFitModel.from_run(res["run_dir"], device="cpu")
+    L = pm.cfg.max_length
+    assert len(pm.prompt_ids(["a query"], max_new_tokens=L - 1)[0]) == 1  # the end of the prompt, one token
+    for n in (L, L + 5):
+        with pytest.raises(ValueError, match=f"max_new_tokens {n}.*max_length {L}"):
+            pm.prompt_ids(["a query"], max_new_tokens=n)
+    with pytest.raises(ValueError, match="no room"):
+        tokenize_prompt(pm.tok, "a query", 0)

@@ -18,6 +18,9 @@ class TokenizedExample:
 
 
 def tokenize_prompt(tok, prompt: str, max_len: int) -> list[int]:
+    """The prompt's token ids, cut to its last `max_len` when longer."""
+    if max_len < 1:
+        raise ValueError(f"no room for the prompt: at most {max_len} tokens")
     ids = tok(prompt)["input_ids"]
     return ids[-max_len:] if len(ids) > max_len else ids
 

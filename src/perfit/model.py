@@ -383,7 +383,11 @@ class PerFitModel:
     def prompt_ids(self, inputs: list[str], raw: bool = False, max_new_tokens: int | None = None) -> list[list[int]]:
         """Token ids of the prompts: a task query gets the answer cue exactly as `perfit predict` applies it (a raw
         prompt is used as given); the start is cut when prompt + answer would exceed max_length."""
-        limit = self.cfg.max_length - (max_new_tokens or self.task.max_new_tokens)
+        n_new = max_new_tokens or self.task.max_new_tokens
+        limit = self.cfg.max_length - n_new
+        if limit < 1:
+            raise ValueError(f"max_new_tokens {n_new} leaves no room for the prompt within the run's max_length "
+                             f"{self.cfg.max_length}")
         return [tokenize_prompt(self.tok, t if raw else self.builder.query_prompt(t), limit) for t in inputs]
 
     def generate(self, user_ids: list[str], inputs: list[str], max_new_tokens: int | None = None, raw: bool = False,
