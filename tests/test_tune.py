@@ -75,3 +75,26 @@ def test_grid_runs_every_combination_once(tiny_model_dir, data, tmp_path):
         tune(TuneConfig(**(TINY_RUN | dict(data_dir=data, model_path=tiny_model_dir, output_dir=str(tmp_path / "u"),
                                            holdout=1, space=str(float_space), sampler="grid"))))
     assert not os.path.exists(tmp_path / "u" / "tune.db")  # refused before anything was written
+
+
+def test_a_bug_in_a_trial_is_raised_not_counted_as_a_failed_trial(tiny_model_dir, data, tmp_path, monkeypatch):
+    """Only what the user can fix (a PerFitError: bad settings, data, run state) fails a trial; a genuine bug (here a
+    ValueError from inside the method) stops the tune with its traceback instead of becoming 'no trial completed'."""
+    import perfit.baselines.methods as methods
+    from perfit.errors import ConfigError, PerFitError
+
+    def buggy(cfg, method):
+        raise ValueError("index out of range somewhere deep")
+
+    monkeypatch.setattr(methods, "run_method", buggy)
+    tc = TuneConfig(**(TINY_RUN | dict(data_dir=data, model_path=tiny_model_dir, output_dir=str(tmp_path / "t"),
+                                       method="perfit", trials=2, holdout=1, space=_space(tmp_path), reference="none")))
+    with pytest.raises(ValueError, match="index out of range somewhere deep"):
+        tune(tc)
+
+    def refused(cfg, method):
+        raise ConfigError("--user_lr: not this one")
+
+    monkeypatch.setattr(methods, "run_method", refused)
+    with pytest.raises(PerFitError, match="none of the 2 trials completed.*not this one"):
+        tune(dataclasses.replace(tc, output_dir=str(tmp_path / "u")))

@@ -155,7 +155,8 @@ def tune(tc: TuneConfig) -> dict:
         cfg = dataclasses.replace(base, **params)
         try:
             rec = run_method(cfg, tc.method)
-        except ValueError as e:  # a failed trial (optuna catches it); its reason is kept for the error below
+        except PerFitError as e:  # settings, data or run state the user can fix: a failed trial (optuna catches it),
+            # its reason kept for the error below; anything else is a bug and stops the tune with its traceback
             trial.set_user_attr("error", str(e).splitlines()[0][:500])
             raise
         m = rec["metrics"]
@@ -170,7 +171,7 @@ def tune(tc: TuneConfig) -> dict:
 
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     if done < tc.trials:  # a grid stops by itself once every combination has run
-        study.optimize(objective, n_trials=tc.trials - done, catch=(ValueError,))
+        study.optimize(objective, n_trials=tc.trials - done, catch=(PerFitError,))
     doc = write_results(tc, study, space, {"method": ref, "metrics": ref_rec["metrics"]} if ref_rec else None)
     if not doc["completed"]:  # nothing was chosen: not a result to exit 0 with
         errors = [t["error"] for t in doc["trials"] if t.get("error")]

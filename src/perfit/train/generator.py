@@ -19,6 +19,7 @@ import torch
 
 from ..backbone import text_config
 from ..batching import tokenize_examples
+from ..data import DataError
 from ..generator import GeneratorSpec, ShiftGenerator, item_features, personal_weights
 from ..progress import progress
 from ..prompts import Example
@@ -83,8 +84,8 @@ def episode_data(model, tok, cfg, per_user: dict[str, list[Example]], cache_max_
     users = sorted(u for u, exs in per_user.items() if len(exs) >= 2)
     train_users, held = split_users(users, cfg.gen_holdout_fraction, cfg.seed)
     if len(train_users) < 2:
-        raise ValueError(f"the shift generator needs at least 2 stage-1 users with 2 or more items each; found "
-                         f"{len(users)}")
+        raise DataError([f"the shift generator needs at least 2 stage-1 users with 2 or more items each "
+                         f"(user_others.json); found {len(users)}"])
     ex = tokenize_examples(tok, [e for u in users for e in per_user[u]], cfg.max_length)
     idx_of, k = {}, 0
     for u in users:
