@@ -45,7 +45,6 @@ class Batch:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     offsets: list[int]
-    lengths: list[int]
     shift_index: torch.Tensor  # [B, P]
     shift_valid: torch.Tensor
     users: torch.Tensor  # [B]
@@ -69,7 +68,7 @@ def make_batch(seqs: list[list[int]], prompt_lens: list[int], users: list[int], 
         offsets.append(off)
     pos = (torch.arange(T).unsqueeze(0) - torch.tensor(offsets).unsqueeze(1)).clamp(min=0)
     sidx, svalid = position_index(prompt_lens, offsets, first, last)
-    return Batch(ids, mask, pos, offsets, [len(s) for s in seqs], sidx, svalid, torch.tensor(users, dtype=torch.long))
+    return Batch(ids, mask, pos, offsets, sidx, svalid, torch.tensor(users, dtype=torch.long))
 
 
 def unshifted_prefix_len(prompt_len: int, last: int) -> int:

@@ -160,7 +160,6 @@ class Shifter(nn.Module):
         self.collective = nn.ModuleDict({str(l): LowRankShift(1, hidden, rank, g, init) for l in self.layers} if rank > 0 else {})
         self.personal = nn.ModuleDict({str(l): LowRankShift(num_users, hidden, user_rank, g, init) for l in self.layers})
         self.state: ShiftState | None = None
-        self._handles: list = []
 
     def spawn(self, num_users: int) -> "Shifter":
         """A shifter with this one's collective modules and `num_users` personal modules, each a copy of personal

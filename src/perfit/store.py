@@ -337,9 +337,6 @@ class UserStore:
         keys = ("job_id", "status", "items", "queued_at", "started_at", "failed_at", "error")
         return {k: v for k, v in zip(keys, row) if v is not None}
 
-    def queued_jobs(self) -> int:
-        return self._db().execute("SELECT COUNT(*) FROM jobs WHERE state != 'failed'").fetchone()[0]
-
     # ---------------------------------------------------------------- operators
 
     def verify(self) -> list[str]:

@@ -286,7 +286,7 @@ def load_golds(path: str, task: Task | None = None) -> tuple[str, dict[str, str]
     return name, golds
 
 
-def load_task_data(data_dir: str, task_name: str, validate_others: bool = True) -> TaskData:
+def load_task_data(data_dir: str, task_name: str) -> TaskData:
     """Load and validate <data_dir>/<task_name>/. Test users are loaded; user_others.json is streamed
     once here to validate it (and again by stage 1 only when no reusable checkpoint exists)."""
     task = get_task(task_name)
