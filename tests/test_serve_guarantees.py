@@ -285,6 +285,37 @@ def test_generate_refuses_an_over_long_input_and_health_shows_no_paths(run):
         assert os.path.dirname(run) not in h.text and "/" not in json.dumps(h.json()).replace("/healthz", "")
 
 
+def test_healthz_does_not_block_the_event_loop_on_the_store(run, monkeypatch):
+    """/healthz counts the stored users: a slow store (a long write holding the file) must not stall every other
+    endpoint of the server. Before the fix the count ran on the event loop and /v1/models waited for it."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from perfit.serve.app import create_app
+    from perfit.store import UserStore
+
+    pm = PerFitModel.from_run(run, dtype="float64")
+    release, entered = threading.Event(), threading.Event()
+    real_len = UserStore.__len__
+
+    def slow_len(self):
+        entered.set()
+        release.wait(30)
+        return real_len(self)
+
+    with TestClient(create_app(pm, ServeConfig(run_dir=run))) as client:
+        monkeypatch.setattr(UserStore, "__len__", slow_len)
+        health = concurrent.futures.ThreadPoolExecutor(1).submit(client.get, "/healthz")
+        assert entered.wait(30)
+        other = concurrent.futures.ThreadPoolExecutor(1).submit(client.get, "/v1/models")
+        try:
+            assert other.result(timeout=10).status_code == 200  # answered while the count is held
+        finally:
+            release.set()
+        assert health.result(timeout=30).json()["users_stored"] == 3
+
+
 # ------------------------------------------------------------------ the store is the truth: other processes, restarts
 
 def test_a_user_changed_by_another_process_is_served_its_new_state(run):

@@ -337,8 +337,10 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None, on_
     @app.get("/healthz", summary="ok (200) while the worker answers; unhealthy (503) with the reason when it cannot go on")
     async def healthz():
         h = engine.health()  # no filesystem paths: this endpoint needs no key
-        body = h | {"task": pm.task.name, "model": pm.info.name, "device": str(pm.device), "users_stored": len(pm.store),
-                    "queue_depth": engine.queue_depth(), "training_queue": engine.training_queue(),
+        # the store's counts read the file: off the event loop, which every other request needs
+        stored, training = await asyncio.to_thread(lambda: (len(pm.store), engine.training_queue()))
+        body = h | {"task": pm.task.name, "model": pm.info.name, "device": str(pm.device), "users_stored": stored,
+                    "queue_depth": engine.queue_depth(), "training_queue": training,
                     "uptime_s": round(time.time() - started, 1)}
         return JSONResponse(body, status_code=200 if h["status"] == "ok" else 503)
 
