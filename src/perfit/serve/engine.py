@@ -127,12 +127,18 @@ class Engine:
     def start(self) -> None:
         """Resume the jobs the store holds (accepted before a restart, or interrupted in training), then serve."""
         pending = self.pm.store.pending_jobs()
-        if self.trainer == "inline":
+        if self.mode == "instant":  # accepted, not yet generated: generated on the first turn
+            for user, job in pending:
+                items = self.pm.store.job_items(user)
+                if items is not None:
+                    self._instant.append((user, job, items, concurrent.futures.Future()))
+        elif self.trainer == "inline":
             for user, job in pending:
                 self._train[user] = job
         if pending:
             log.info("resuming %d personalization jobs accepted before this server started", len(pending))
-            self._ensure_trainer()
+            if self.mode != "instant":
+                self._ensure_trainer()
         self._started = True
         self._thread.start()
 
@@ -450,7 +456,8 @@ class Engine:
             histories = self.pm.store.take_jobs(jobs)  # those not erased or replaced since, marked as training
             if not histories:
                 return
-            reports = self.pm.personalize(histories, desc="serve: personalize", jobs=jobs)
+            reports = self.pm.personalize(histories, desc="serve: personalize", jobs=jobs,
+                                          mode="train" if self.mode == "train" else "instant+train")
         except Exception as e:  # noqa: BLE001 - a failed training is a user's status, not a crash
             log.exception("personalization failed for %s", users)
             self._failed("train")
