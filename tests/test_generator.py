@@ -192,7 +192,7 @@ def test_serving_an_instant_user_then_its_refined_shift(pm64, trainer):
     _random_head(gen, seed=7)
     write_generator(os.path.join(pm64.run_dir, GENERATOR), gen, {})
     pm = PerFitModel.from_run(pm64.run_dir, device="cpu", dtype="float64")
-    engine = Engine(pm, max_wait_ms=0, mode="instant+train", trainer=trainer)
+    engine = Engine(pm, max_wait_ms=0, mode="instant+train", trainer=trainer, trainer_nice=0)  # not starved by other jobs
     # the refinement waits until the instant shift is checked (inline: a gate on the worker's training turn; the
     # trainer process is started only by the post and needs seconds to load before it can take the job)
     import threading

@@ -471,6 +471,12 @@ class ServeConfig:
                       "server, with its own copy of the backbone: generation never waits for training) or inline (in "
                       "the server's worker, between generation batches: one copy of the model, but a training group "
                       "stalls every request until it is done).", (), choices=("process", "inline"))
+    trainer_nice: int = _f(19, "CPU priority (nice) of the trainer process: 19 trains only on CPU that generation leaves "
+                           "idle (under sustained load refinements wait); lower trains sooner and slows generation more.",
+                           (), min=0)
+    instant_items_per_turn: int = _f(8, "History items whose features the worker computes between two generation "
+                                     "batches while users' instant shifts are made (bounds what a post costs others).",
+                                     (), min=1)
     engine: str = _f("embedded", "embedded: PerFit's own server (one process, online personalization endpoints); vllm: vLLM's "
                      "OpenAI-compatible server with the PerFit plugin (continuous batching, paged KV cache; needs "
                      "perfit[vllm]). With vllm, the flags above that vLLM has are passed to it and the others ignored.",

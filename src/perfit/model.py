@@ -215,22 +215,46 @@ class PerFitModel:
         return self.generator
 
     @torch.no_grad()
+    def history_features(self, examples: list[Example]) -> torch.Tensor:
+        """What the shift generator reads of each history example [N, F]: one no-grad pass of the frozen model (stopped
+        after the highest shifted layer). A user's profile is the mean of its rows, so the rows can come in parts."""
+        return item_features(self.model, tokenize_examples(self.tok, examples, self.cfg.max_length), self.cfg.layers,
+                             self.tok.pad_token_id)[0]
+
+    @torch.no_grad()
+    def shifts_from_profiles(self, profiles: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """{user: mean feature row} -> {user: generated shift tensors} in one pass of the generator."""
+        gen = self._require_generator()
+        users = list(profiles)
+        delta = gen(torch.stack([profiles[u] for u in users]).to(self.device))
+        p0 = {n: t.to(self.device) for n, t in self._require_collective().user_state(0).items()}
+        return {u: user_tensors(p0, delta, i) for i, u in enumerate(users)}
+
     def instant_shifts(self, examples: dict[str, list[Example]]) -> dict[str, dict[str, torch.Tensor]]:
         """Each user's generated personal shift (the tensors stage 2 would train) from its history examples: one
         no-grad pass of the frozen model over them and one pass of the generator."""
-        gen = self._require_generator()
-        collective = self._require_collective()
+        self._require_generator()
         users = list(examples)
-        flat = [e for u in users for e in examples[u]]
-        feats, _ = item_features(self.model, tokenize_examples(self.tok, flat, self.cfg.max_length), self.cfg.layers,
-                                 self.tok.pad_token_id)
-        z, k = [], 0
+        feats = self.history_features([e for u in users for e in examples[u]])
+        profiles, k = {}, 0
         for u in users:
-            z.append(feats[k: k + len(examples[u])].mean(0))
+            profiles[u] = feats[k: k + len(examples[u])].mean(0)
             k += len(examples[u])
-        delta = gen(torch.stack(z).to(self.device))
-        p0 = {n: t.to(self.device) for n, t in collective.user_state(0).items()}
-        return {u: user_tensors(p0, delta, i) for i, u in enumerate(users)}
+        return self.shifts_from_profiles(profiles)
+
+    def store_generated(self, tensors_of: dict[str, dict[str, torch.Tensor]], examples: dict[str, list[Example]],
+                        seconds: float, jobs: dict[str, str] | None = None, keep_jobs: bool = False,
+                        items: dict[str, int] | None = None) -> dict[str, dict]:
+        """Store generated shifts (one transaction) with their records (`items`: each user's history items, default
+        its examples); `jobs`/`keep_jobs` as UserStore.put_many. Returns {user: record} of those stored."""
+        now = round(time.time(), 3)
+        info = {u: {"items": (items or {}).get(u, len(examples[u])), "examples": len(examples[u]), "history_digest": history_digest(examples[u]),
+                    "mode": "instant", "epoch_losses": [], "final_loss": None, "train_seconds": round(seconds, 4),
+                    "trained_at": now, "rank": dist.rank()} for u in tensors_of}
+        stored = self.store.put_many(tensors_of, info, jobs, keep_jobs)
+        for u in tensors_of:
+            self.cache.drop(u)
+        return {u: info[u] for u in stored}
 
     def _train_kw(self) -> dict:
         c = self.cfg
@@ -356,15 +380,8 @@ class PerFitModel:
             t0 = time.perf_counter()
             exs = {u: self.personal_examples(u, histories[u]) for u in group}
             tensors_of = self.instant_shifts(exs)
-            sec = round((time.perf_counter() - t0) / len(group), 4)
-            now = round(time.time(), 3)
-            info = {u: {"items": len(histories[u]), "examples": len(exs[u]), "history_digest": history_digest(exs[u]),
-                        "mode": "instant", "epoch_losses": [], "final_loss": None, "train_seconds": sec,
-                        "trained_at": now, "rank": dist.rank()} for u in group}
-            stored = self.store.put_many(tensors_of, info, jobs, keep_jobs)
-            for u in group:
-                self.cache.drop(u)
-            reports.update({u: info[u] for u in stored})
+            reports |= self.store_generated(tensors_of, exs, (time.perf_counter() - t0) / len(group), jobs, keep_jobs,
+                                            {u: len(histories[u]) for u in group})
         return reports
 
     def forget(self, user_id: str) -> bool:

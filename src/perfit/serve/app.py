@@ -111,7 +111,8 @@ def create_app(pm: PerFitModel, sc: ServeConfig, api_key: str | None = None, on_
     metrics = Metrics()
     engine = Engine(pm, sc.max_batch_size, sc.max_wait_ms, metrics, max_queued_requests=sc.max_queued_requests,
                     max_queued_users=sc.max_queued_users, max_consecutive_failures=sc.max_consecutive_failures,
-                    on_fatal=on_fatal, mode=sc.personalize or None, trainer=sc.trainer)
+                    on_fatal=on_fatal, mode=sc.personalize or None, trainer=sc.trainer,
+                    instant_items_per_turn=sc.instant_items_per_turn, trainer_nice=sc.trainer_nice)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -30,6 +30,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from ..faults import fault_point
 from ..model import Completion, PerFitModel
 from ..store import history_digest
@@ -76,6 +78,18 @@ class GenRequest:
     error: BaseException | None = None  # raised by this request's own callback: it fails alone
 
 
+@dataclass
+class InstantJob:
+    """A posted history whose generated shift is being made: its examples' features come a slice per worker turn."""
+    user_id: str
+    job: str
+    items: int
+    examples: list
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    feats: list = field(default_factory=list)  # feature rows computed so far, in order
+    seconds: float = 0.0
+
+
 def _settle(fut: concurrent.futures.Future, result=None, error: BaseException | None = None) -> None:
     """Resolve a future unless its request gave up on it (cancelled: a timed-out or gone client, a shutdown)."""
     try:
@@ -95,7 +109,8 @@ class Engine:
 
     def __init__(self, pm: PerFitModel, max_batch_size: int = 32, max_wait_ms: float = 10.0, metrics=None,
                  max_queued_requests: int = 256, max_queued_users: int = 1024, max_consecutive_failures: int = 3,
-                 on_fatal: Callable[[str], None] | None = None, mode: str | None = None, trainer: str = "inline"):
+                 on_fatal: Callable[[str], None] | None = None, mode: str | None = None, trainer: str = "inline",
+                 instant_items_per_turn: int = 8, trainer_nice: int = 19):
         self.pm, self.max_batch_size, self.max_wait = pm, max_batch_size, max_wait_ms / 1000.0
         self.mode = mode or pm.cfg.personalize
         if self.mode != "train":
@@ -104,7 +119,8 @@ class Engine:
             raise ValueError(f"trainer {trainer!r}: choose from inline, process")
         self.trainer = trainer
         self._proc: subprocess.Popen | None = None
-        self._instant: deque[tuple[str, str, list[dict], concurrent.futures.Future]] = deque()
+        self._instant: deque[InstantJob] = deque()
+        self.instant_items_per_turn, self.trainer_nice = instant_items_per_turn, trainer_nice
         self.metrics = metrics
         self.max_queued_requests, self.max_queued_users = max_queued_requests, max_queued_users
         self.max_consecutive_failures = max_consecutive_failures
@@ -131,7 +147,7 @@ class Engine:
             for user, job in pending:
                 items = self.pm.store.job_items(user)
                 if items is not None:
-                    self._instant.append((user, job, items, concurrent.futures.Future()))
+                    self._instant.append(InstantJob(user, job, len(items), self.pm.personal_examples(user, items)))
         elif self.trainer == "inline":
             for user, job in pending:
                 self._train[user] = job
@@ -154,7 +170,8 @@ class Engine:
             dtype = str(next(self.pm.model.parameters()).dtype).removeprefix("torch.")
             self._proc = subprocess.Popen([sys.executable, "-m", "perfit.serve.trainer", "--run_dir", self.pm.run_dir,
                                            "--mode", "train" if self.mode == "train" else "instant+train",
-                                           "--device", str(self.pm.device), "--dtype", dtype])
+                                           "--device", str(self.pm.device), "--dtype", dtype,
+                                           "--nice", str(self.trainer_nice)])
 
     def _trainer_died(self) -> bool:
         return self._proc is not None and self._proc.poll() is not None and not self._stopping
@@ -214,12 +231,12 @@ class Engine:
                                  f"--max_queued_users); retry later", retry_after=5)
         job = self.pm.store.enqueue(user_id, items)
         if self.mode != "train":
-            done: concurrent.futures.Future = concurrent.futures.Future()
+            ij = InstantJob(user_id, job, len(items), self.pm.personal_examples(user_id, items))
             with self._cv:
                 self._admit()
-                self._instant.append((user_id, job, items, done))
+                self._instant.append(ij)
                 self._cv.notify_all()
-            done.result(timeout)
+            ij.future.result(timeout)
         if self.mode != "instant":
             if self.trainer == "inline":
                 with self._cv:
@@ -320,7 +337,7 @@ class Engine:
 
     def _fail_waiting(self, error: Exception) -> None:
         with self._cv:
-            waiting = [r.future for r in self._gen] + [f for _, f in self._erase] + [f for *_, f in self._instant]
+            waiting = [r.future for r in self._gen] + [f for _, f in self._erase] + [j.future for j in self._instant]
             self._gen.clear()
             self._erase.clear()
             self._instant.clear()
@@ -343,28 +360,55 @@ class Engine:
                 _settle(f, error=WorkerError(f"erasing the user failed: {type(e).__name__}: {e}"))
 
     def _instant_shifts(self) -> None:
-        """Generated shifts of the users posted since the last turn, in one pass, each stored before its post returns
-        (only while its job is current: an erasure or a newer post in between wins)."""
+        """One slice of the posted histories' instant work: the features of at most instant_items_per_turn history
+        examples (oldest post first), so that generation batches run between slices; the users whose every example
+        is read get their generated shift, stored (only while the job is current: an erasure or a newer post in
+        between wins) before their posts return."""
         with self._cv:
-            taken = list(self._instant)
-            self._instant.clear()
-        if not taken:
+            slices, budget = [], self.instant_items_per_turn
+            for j in self._instant:
+                if budget <= 0:
+                    break
+                take = j.examples[len(j.feats): len(j.feats) + budget]
+                slices.append((j, take))
+                budget -= len(take)
+        if not slices:
             return
-        latest = {u: (job, items) for u, job, items, _ in taken}
         try:
             fault_point("engine.instant")
-            self.pm.personalize({u: items for u, (_, items) in latest.items()}, desc="serve: instant", mode="instant",
-                                jobs={u: job for u, (job, _) in latest.items()}, keep_jobs=self.mode != "instant")
-        except Exception as e:  # noqa: BLE001 - the posts learn why; the jobs stay queued for training
-            log.exception("instant personalization failed for %s", list(latest))
+            t0 = time.perf_counter()
+            rows = self.pm.history_features([e for _, take in slices for e in take])
+            k, spent = 0, time.perf_counter() - t0
+            for j, take in slices:
+                j.feats += list(rows[k: k + len(take)])
+                j.seconds += spent * len(take) / len(rows)  # its share of the slice
+                k += len(take)
+            done = [j for j, _ in slices if len(j.feats) == len(j.examples)]
+            if done:
+                t0 = time.perf_counter()
+                tensors_of = self.pm.shifts_from_profiles({j.user_id: torch.stack(j.feats).mean(0) for j in done})
+                per = (time.perf_counter() - t0) / len(done)
+                self.pm.store_generated(tensors_of, {j.user_id: j.examples for j in done},
+                                        sum(j.seconds for j in done) / len(done) + per,
+                                        {j.user_id: j.job for j in done}, keep_jobs=self.mode != "instant",
+                                        items={j.user_id: j.items for j in done})
+        except Exception as e:  # noqa: BLE001 - the posts learn why; the jobs stay queued
+            log.exception("instant personalization failed for %s", [j.user_id for j, _ in slices])
             self._failed("instant")
-            for *_, f in taken:
-                _settle(f, error=WorkerError(f"instant personalization failed: {type(e).__name__}: {e}"))
+            with self._cv:
+                for j, _ in slices:
+                    if j in self._instant:
+                        self._instant.remove(j)
+            for j, _ in slices:
+                _settle(j.future, error=WorkerError(f"instant personalization failed: {type(e).__name__}: {e}"))
             return
-        if self.metrics is not None:
-            self.metrics.trainings.labels(outcome="instant").inc(len(latest))
-        for *_, f in taken:
-            _settle(f, True)
+        with self._cv:
+            for j in done:
+                self._instant.remove(j)
+        if self.metrics is not None and done:
+            self.metrics.trainings.labels(outcome="instant").inc(len(done))
+        for j in done:
+            _settle(j.future, True)
 
     def _generation(self) -> None:
         with self._cv:
