@@ -275,3 +275,38 @@ def test_an_instant_server_restarted_makes_the_shifts_it_had_accepted(pm64):
     finally:
         engine.stop()
     assert engine._proc is None  # an instant server trains nothing
+
+
+def test_a_trainer_process_killed_mid_training_is_restarted_and_the_user_trained(pm64, monkeypatch):
+    """The trainer process dies (SIGKILL) as it starts a job: the server starts another, which takes the job from the
+    store again; the user ends with the shift an uninterrupted training stores."""
+    import time
+
+    from perfit import faults
+    from perfit.serve.engine import Engine
+
+    pm = PerFitModel.from_run(pm64.run_dir, device="cpu", dtype="float64")
+    monkeypatch.setenv(faults.ENV, "engine.train:1=kill")  # inherited by the first trainer process only
+    engine = Engine(pm, max_wait_ms=0, mode="train", trainer="process", trainer_nice=0)
+    engine.start()
+    try:
+        assert engine.personalize("u", ITEMS)["status"] in ("queued", "training")
+        first = engine._proc
+        end = time.monotonic() + 120
+        while first.poll() is None and time.monotonic() < end:
+            time.sleep(0.05)
+        assert first.returncode == -9
+        monkeypatch.delenv(faults.ENV)
+        while engine.user_status("u")["status"] != "ready" and time.monotonic() < end:
+            time.sleep(0.1)
+        assert engine.user_status("u")["status"] == "ready" and engine._proc is not first
+    finally:
+        engine.stop()
+    import shutil
+
+    shutil.copytree(pm64.run_dir, pm64.run_dir + "-ref")
+    ref = PerFitModel.from_run(pm64.run_dir + "-ref", device="cpu", dtype="float64")
+    ref.forget("u")
+    want = ref.personalize({"u": ITEMS}, mode="train")["u"]  # the same user id: the same data order
+    got = pm.store.entry("u")
+    assert got["epoch_losses"] == pytest.approx(want["epoch_losses"], abs=1e-12)

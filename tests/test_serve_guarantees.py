@@ -395,7 +395,9 @@ def test_accepted_history_survives_kill_9_and_the_restarted_server_finishes_it(r
     shutil.copytree(run, ref_run)
     gate = Gate(os.path.dirname(run))
     kill = f"{gate.spec('engine.train')},engine.train:1"  # held as training starts (after the 202), then SIGKILL
-    proc, url = launch(run, "--dtype", "float64", lifetime=60, env=dict(os.environ, PERFIT_FAULT=kill))
+    # the inline trainer: the server itself is killed as it trains (the trainer process has its own test)
+    proc, url = launch(run, "--dtype", "float64", "--trainer", "inline", lifetime=60,
+                       env=dict(os.environ, PERFIT_FAULT=kill))
     r = httpx.post(url + "/v1/users/newcomer/history", json={"items": NEW}, timeout=30)
     assert r.status_code == 202 and r.json()["status"] == "queued"
     gate.reached()

@@ -225,7 +225,9 @@ class Engine:
         with instant+train the job stays queued to refine it."""
         with self._cv:
             self._admit()
-            if user_id not in self._train and self.training_queue() >= self.max_queued_users:
+            waiting = user_id in self._train or (self.trainer == "process" and self.mode != "instant"
+                                                 and self.pm.store.job_items(user_id) is not None)
+            if not waiting and self.training_queue() >= self.max_queued_users:  # a waiting user may post again
                 self._rejected("training_queue_full")
                 raise Overloaded(f"the training queue is full ({self.max_queued_users} users waiting, "
                                  f"--max_queued_users); retry later", retry_after=5)
