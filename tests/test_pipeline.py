@@ -251,13 +251,20 @@ def test_overlap_between_test_and_training_data_is_an_error(tiny_model_dir, data
     assert f"history item 'leak' of user {others[0]['user_id']!r} has the text of query {leaked['id']!r} of test user 'u0002'" in err
     assert f"user_others.json: user {test[0]['user_id']!r} is also a test user" in err
     assert not os.path.exists(out / "movie_tagging")  # nothing trained or written
-    # compare runs each method in its own process: the same one message from there, and exit 2, no traceback
+    # compare plans PerFit's methods before running any (the plan scans the training data): the same one message,
+    # exit 2, no traceback, no method run
     cmp_out = tmp_path / "cmp"
-    assert main(["compare", f"--data_dir={tmp_path / 'leaky'}", f"--output_dir={cmp_out}", f"--model_path={tiny_model_dir}", "--preset=paper",
-                 "--intervene_layer=1;2", "--max_length=512", "--max_epoch=1", "--methods=user_majority,stage1"]) == 2
+    cmp_args = ["compare", f"--data_dir={tmp_path / 'leaky'}", f"--output_dir={cmp_out}", f"--model_path={tiny_model_dir}",
+                "--preset=paper", "--intervene_layer=1;2", "--max_length=512", "--max_epoch=1"]
+    assert main(cmp_args + ["--methods=user_majority,stage1"]) == 2
     err = capfd.readouterr().err
     assert "test data overlaps the training data" in err and "Traceback" not in err
-    assert f"perfit: error: compare: stage1 stopped on the error above; the methods before it are kept in {cmp_out / 'methods'}" in err
+    assert not os.path.exists(cmp_out / "methods")
+    # a method's own process says the same when it finds it (the peers' baselines are not planned)
+    assert main(cmp_args + ["--methods=user_majority,task_lora"]) == 2
+    err = capfd.readouterr().err
+    assert "test data overlaps the training data" in err and "Traceback" not in err
+    assert f"perfit: error: compare: task_lora stopped on the error above; the methods before it are kept in {cmp_out / 'methods'}" in err
     assert os.listdir(cmp_out / "methods") == ["user_majority.json"]
     caplog.set_level("INFO", logger="perfit")
     caplog.clear()

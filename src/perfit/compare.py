@@ -33,6 +33,24 @@ def _fingerprints(cfg: CompareConfig) -> dict:
 
 # ---------------------------------------------------------------- orchestration
 
+PLANNED = {"stage1", "perfit", "perfit_instant", "perfit_warm"}  # the methods PerFit's plan and budget speak for
+
+
+def _plan(cfg: CompareConfig, exp: pipeline.Experiment) -> tuple[CompareConfig, pipeline.Experiment]:
+    """PerFit's plan, printed before any method runs; under an explicit --time_budget (auto means none here: a
+    comparison's other methods are not planned) its cuts apply to every method, so all compare on the same data."""
+    import dataclasses
+
+    if cfg.time_budget.strip().lower() == "auto":
+        cfg = dataclasses.replace(cfg, time_budget="none")
+    exp, pm = pipeline.plan_run(dataclasses.replace(exp, cfg=cfg), pipeline.open_model(exp))
+    del pm
+    changes = exp.plan.get("changes", {})
+    if not changes:
+        return cfg, exp
+    cfg = dataclasses.replace(cfg, **changes)
+    return cfg, pipeline.prepare(cfg)
+
 def _method_path(out: str, method: str) -> str:
     return os.path.join(out, "methods", f"{method}.json")
 
@@ -41,6 +59,8 @@ def compare(cfg: CompareConfig) -> dict:
     cfg = cfg.resolved()
     methods = cfg.method_list()
     exp = pipeline.prepare(cfg)
+    if PLANNED & set(methods):
+        cfg, exp = _plan(cfg, exp)
     fps = exp.fingerprints
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)

@@ -105,6 +105,12 @@ class RunConfig:
     allow_overlap: int = _f(0, "Test users, their query ids or query texts found in the training data: 0 an error; 1 kept, warned; "
                                "2 left out of training (the items, queries or users named), warned.", (), choices=(0, 1, 2))
     overwrite: int = _f(0, "1: a run dir whose stage-1 checkpoint or user store was made with other settings or data is retrained and replaced (an error otherwise).", (), choices=(0, 1))
+    zero_shot: int = _f(1, "1: `perfit run` also answers with the bare model (the zero_shot row of results.json); 0: "
+                        "only stage1 and perfit (a time budget drops it first: it costs PerFit nothing).", (), choices=(0, 1))
+    time_budget: str = _f("auto", "Wall time the run may take (20m, 2h, 1h30m, none). Before any work the run is planned "
+                          "from a timed pass over a few of its own examples; what does not fit is cut in one order (stage-1 "
+                          "the zero_shot row, stage-1 examples, stage-1 epochs, oldest history, stage-2 epochs; docs/performance.md), each cut logged "
+                          "and kept in results.json. auto: 20m on a CPU, none on a GPU. A run that fits is unchanged.", ())
     personalize: str = _f("train", "How a user's personal shift is made: train (stage 2 on the user's history), instant (the "
                           "shift generator, one forward pass over the history, no training) or instant+train (stage 2 "
                           "started from the generated shift, for --warm_epochs). instant modes need the generator.",
@@ -179,6 +185,7 @@ class RunConfig:
             logging.getLogger("perfit").info("shift generator on: generated data gets %d stage-1 users (--num_other_users "
                                              "was %d)", GENERATOR_MIN_USERS, c.num_other_users)
             c.num_other_users = GENERATOR_MIN_USERS
+        parse_budget(c.time_budget, False)
         c.intervene_layer = ";".join(str(l) for l in parse_layer_spec(c.intervene_layer))  # one spelling per layer set
         try:
             parse_positions(c.positions)
@@ -203,6 +210,25 @@ class RunConfig:
         return (f"lr={self.low_rank_dimension}_ulr={self.user_low_rank_dimension}_il={il}_pl={self.positions}"
                 f"_ep={self.max_epoch}_bs={self.batch_size}_seed={self.seed}_model={self.model_name}"
                 f"_{artifact_keys(self)['users'][:8]}")
+
+
+CPU_BUDGET_S = 20 * 60  # --time_budget auto on a CPU: a whole `perfit run` in about 20 minutes
+
+
+def parse_budget(text: str, on_gpu: bool) -> float | None:
+    """'20m', '2h', '1h30m', '90s', 'none' (or '0') -> seconds or None; 'auto': 20 minutes on a CPU, none on a GPU."""
+    import re
+
+    t = text.strip().lower()
+    if t == "auto":
+        return None if on_gpu else float(CPU_BUDGET_S)
+    if t in ("none", "0", ""):
+        return None
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", t)
+    if not m or not any(m.groups()):
+        raise ConfigError(f"--time_budget {text!r}: give a duration such as 20m, 2h, 1h30m or 90s, or none / auto")
+    h, mi, sec = (float(g or 0) for g in m.groups())
+    return h * 3600 + mi * 60 + sec
 
 
 def parse_positions(spec: str) -> tuple[int, int]:

@@ -256,6 +256,15 @@ class PerFitModel:
             self.cache.drop(u)
         return {u: info[u] for u in stored}
 
+    def measure_cost(self, examples: list[Example], inputs: list[str]):
+        """What this run's work costs on this device (`train.cost.Rates`): `examples` (a few of the run's own) trained
+        for two epochs at the run's settings on a throwaway shift, and one generation batch of the task queries
+        `inputs`. Nothing is saved."""
+        from .train.cost import measure
+
+        return measure(self.model, self.tok, self.cfg, self.info.hidden_size, self.first, self.last, examples,
+                       self.prompt_ids(inputs), self.task.max_new_tokens, self._train_kw())
+
     def _train_kw(self) -> dict:
         c = self.cfg
         return dict(max_rows=c.rows_per_pass, cache_max_bytes=c.cache_max_bytes, disk_cache_max_bytes=c.disk_cache_max_bytes,

@@ -3,6 +3,7 @@ metrics -> the seed's output layout. All model work goes through `PerFitModel`; 
 files, decides what can be reused, and writes the outputs."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -14,14 +15,15 @@ from dataclasses import dataclass, field
 
 from safetensors.torch import load, save
 
-from . import dist, metrics
+from . import dist, metrics, plan
 from .backbone import Backbone, load_backbone
-from .config import RunConfig, check_run_overrides
+from .config import RunConfig, check_run_overrides, parse_budget
 from .data import DataError, OverlapCheck, Query, TaskData, User, data_fingerprint, latest, load_task_data, write_json_atomic
 from .data.synthetic import generate
 from .errors import ConfigError, RunStateError
 from .model import VARIANTS, PerFitModel
-from .rundir import CKPT, GENERATOR, USERS, load_collective_from, load_run_config
+from .rundir import CKPT, CKPT_TENSORS, GENERATOR, USERS, artifact_key, load_collective_from, load_run_config, store_path
+from .batching import tokenize_examples
 from .prompts import Example, PromptBuilder
 
 log = logging.getLogger("perfit")
@@ -48,6 +50,7 @@ class Experiment:
     run_dir: str
     fingerprints: dict
     timings: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)  # what plan_run estimated and decided; results.json keeps it
 
     @property
     def queries(self) -> tuple[list[str], list[str], list[str]]:
@@ -133,17 +136,6 @@ def prepare(cfg: RunConfig, run_dir: str | None = None) -> Experiment:
     return Experiment(cfg, td, builder, run_dir, fps)
 
 
-def _even_cap(per_user: list[list[Example]], n: int) -> list[Example]:
-    """At most n examples, taken round-robin across users so every user is represented."""
-    if n <= 0:
-        return [e for u in per_user for e in u]
-    out, k = [], 0
-    while len(out) < n and any(k < len(u) for u in per_user):
-        out += [u[k] for u in per_user if k < len(u)][: n - len(out)]
-        k += 1
-    return out
-
-
 def _test_path(td: TaskData, cfg: RunConfig) -> str:
     return os.path.join(td.data_dir, cfg.task_name, "user_top_100_history.json")
 
@@ -172,7 +164,7 @@ def scan_training_data(exp: Experiment, collect: bool, by_user: dict[str, list[E
         raise DataError(check.message())
     if check.count:
         _warn_once("\n".join(check.message(mode)))
-    examples = _even_cap(per_user, exp.cfg.max_stage1_examples)
+    examples = plan.even_cap(per_user, exp.cfg.max_stage1_examples)
     if collect and not examples:
         raise DataError([f"{exp.data.others_path}: no stage-1 examples (no history items nor queries with gold)"])
     return examples
@@ -191,6 +183,106 @@ def _sibling_checkpoints(exp: Experiment) -> list[str]:
     found = glob.glob(os.path.join(os.path.dirname(os.path.abspath(exp.run_dir)), "*", CKPT, "config.json"))
     dirs = {os.path.realpath(os.path.dirname(p)) for p in found}  # `latest` is a link to one of them
     return sorted(d for d in dirs if d != os.path.realpath(here))
+
+
+# ---------------------------------------------------------------- the plan and the time budget
+
+PLANS = "plans"  # <output_dir>/<task>/plans/: each budget decision, so a rerun or a resume decides the same
+
+
+def _workload(exp: Experiment, pm: PerFitModel) -> tuple[plan.Workload, list[Example]]:
+    """The run's data in tokens (one checked scan of user_others.json) and the stage-1 examples."""
+    by_user: dict[str, list[Example]] = {}
+    scan_training_data(exp, collect=False, by_user=by_user)
+    lengths = lambda exs: [(e.prompt_len, len(e.ids) - e.prompt_len) for e in tokenize_examples(pm.tok, exs, exp.cfg.max_length)]  # noqa: E731
+    stored = set()
+    if dist.is_main() and os.path.isfile(store_path(exp.run_dir)):
+        try:
+            stored = {u.user_id for u in exp.data.test_users if pm.is_current(u.user_id, u.profile)}
+        except RunStateError:
+            stored = set()  # made with other settings: everything is retrained (or the run stops, as without a plan)
+    tests = [[exp.builder.history_example(it, u.user_id) for it in u.profile] for u in exp.data.test_users
+             if u.user_id not in stored]
+    key1 = pm.keys()["stage1"]
+    ckpts = [exp.run_dir] + [os.path.dirname(os.path.dirname(c)) for c in _sibling_checkpoints(exp)]
+    reused1 = any(artifact_key(os.path.join(d, CKPT, CKPT_TENSORS), "stage1_key") == key1 for d in ckpts)
+    keyg = pm.keys()["generator"]
+    reusedg = any(artifact_key(os.path.join(d, GENERATOR), "generator_key") == keyg for d in ckpts)
+    elem = next(pm.model.parameters()).element_size()
+    w = plan.Workload([lengths(v) for v in by_user.values()], [lengths(t) for t in tests],
+                      sum(len(u.query) for u in exp.data.test_users), reused1, reusedg, pm.info.hidden_size * elem)
+    return w, [e for v in by_user.values() for e in v]
+
+
+def _memory_limit(pm: PerFitModel) -> int:
+    if pm.device.type == "cuda":
+        import torch
+
+        return int(plan.MEMORY_SHARE * torch.cuda.get_device_properties(pm.device).total_memory)
+    import psutil
+
+    return int(plan.MEMORY_SHARE * (psutil.virtual_memory().available + psutil.Process().memory_info().rss))
+
+
+def plan_run(exp: Experiment, pm: PerFitModel) -> tuple[Experiment, PerFitModel]:
+    """Before any work: the run's plan (each stage's examples, tokens, steps, estimated time and peak memory, from a
+    timed pass over a few of its own examples), printed; speed settings shrunk to fit the memory; and what does not
+    fit --time_budget cut in plan.CUTS order, each cut logged. The decision is kept (<output_dir>/<task>/plans/), so
+    the same command run again, or resumed after a kill, makes the same cuts. Returns the (maybe cut) experiment and
+    its model. Under torchrun rank 0 plans and every rank applies its decision."""
+    c = exp.cfg
+    budget = parse_budget(c.time_budget, pm.device.type == "cuda")
+    decision = None
+    if dist.is_main():
+        path = os.path.join(os.path.dirname(os.path.abspath(exp.run_dir)), PLANS,
+                            f"{pm.keys()['users']}_{'none' if budget is None else int(budget)}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                decision = json.load(f)
+            log.info("plan: as decided when this run was first planned (%s); delete that file to plan again", path)
+        else:
+            t0 = time.perf_counter()
+            w, s1 = _workload(exp, pm)
+            sample = s1 if not w.stage1_reused and s1 else [
+                exp.builder.history_example(it, u.user_id) for u in exp.data.test_users for it in u.profile]
+            # a short pass: 4 examples at the quantiles of the prompt length (one pass each epoch)
+            sample = sorted(sample, key=lambda e: len(e.prompt))
+            n = min(len(sample), 4)
+            sample = [sample[(2 * k + 1) * len(sample) // (2 * n)] for k in range(n)] if n else []
+            inputs = sorted(exp.queries[2], key=len)
+            inputs = [inputs[(2 * k + 1) * len(inputs) // 6] for k in range(3)] if len(inputs) >= 3 else inputs
+            rates = pm.measure_cost(sample, inputs) if sample else None
+            decision = {"budget_s": budget, "device": str(pm.device), "changes": {}, "cuts": [], "memory": []}
+            if rates is not None:
+                rc = pm.cfg
+                rc2, memory = plan.fit_memory(rc, w, rates, _memory_limit(pm))
+                rc3, cuts = plan.fit_budget(rc2, w, rates, budget)
+                changes = {k: getattr(rc3, k) for k in ("zero_shot", "max_stage1_examples", "stage1_epochs", "max_history", "max_epoch",
+                                                        "rows_per_pass", "cache_max_bytes") if getattr(rc3, k) != getattr(rc, k)}
+                decision |= {"changes": changes, "cuts": cuts, "memory": memory, "rates": rates.as_dict(),
+                             "before_cuts": plan.stages(rc2, w, rates), "stages": plan.stages(rc3, w, rates),
+                             "estimate_s": round(plan.total_seconds(plan.stages(rc3, w, rates)), 1),
+                             "planning_s": round(time.perf_counter() - t0, 1)}
+            write_json_atomic(path, decision)
+        if decision.get("stages"):
+            log.info("%s", plan.describe(decision["stages"], budget, decision["device"]))
+        for m in decision.get("memory", []):
+            log.warning("plan: --%s %s -> %s so the peak fits this machine's memory (results do not depend on it)",
+                        m["setting"], m["from"], m["to"])
+        for k in decision.get("cuts", []):
+            log.warning("time budget: %s cut from %s to %s (estimate %s -> %s); to keep them: %s", k["what"], k["from"],
+                        k["to"], plan.duration(k["estimate_before_s"]), plan.duration(k["estimate_after_s"]), k["lift"])
+        if budget is not None and decision.get("estimate_s", 0) > budget:
+            log.warning("time budget: the run is estimated at %s even with every cut at its floor, over the budget of %s",
+                        plan.duration(decision["estimate_s"]), plan.duration(budget))
+    decision = dist.broadcast(decision)
+    exp.plan = decision
+    if not decision["changes"]:
+        return exp, pm
+    exp2 = prepare(dataclasses.replace(c, **decision["changes"]))
+    exp2.plan = decision
+    pm2 = PerFitModel(exp2.cfg, Backbone(pm.model, pm.tok, pm.info), exp2.run_dir, exp2.fingerprints)
+    return exp2, pm2
 
 
 def _share_stage1(pm: PerFitModel) -> None:
@@ -266,7 +358,9 @@ def ensure_users(exp: Experiment, pm: PerFitModel, label: str = "stage 2") -> No
 
 
 def predict_variants(exp: Experiment, pm: PerFitModel, variants=VARIANTS) -> dict:
-    """{variant: {query id: prediction}}, plus generation seconds per variant in exp.timings."""
+    """{variant: {query id: prediction}}, plus generation seconds per variant in exp.timings (zero_shot only with
+    --zero_shot 1)."""
+    variants = [v for v in variants if v != "zero_shot" or exp.cfg.zero_shot]
     qids, owners, inputs = exp.queries
     out: dict[str, dict[str, str]] = {}
     for v in variants:
@@ -285,7 +379,8 @@ def write_outputs(exp: Experiment, pm: PerFitModel, preds: dict) -> dict:
     sh = pm.collective
     results = {"task": task.name, "run_dir": run, "model": dataclasses.asdict(pm.info), "variants": {},
                "stage1_learning": pm.stage1_meta.get("learning"), "personalize": exp.cfg.personalize,
-               "generator": pm.generator_meta.get("report")}
+               "generator": pm.generator_meta.get("report"), "plan": exp.plan or None,
+               "wall_seconds": exp.timings.get("wall")}
     gen_s = t.get("generator_train_seconds", 0.0) if exp.cfg.personalize != "train" else 0.0
     train_s = {"zero_shot": 0.0, "stage1": s1, "perfit": s1 + gen_s + s2}
     for v, p in preds.items():
@@ -338,21 +433,34 @@ def run(cfg: RunConfig, backbone: Backbone | None = None) -> dict | None:
     """The whole pipeline. Under torchrun every rank trains and rank 0 predicts and writes the outputs (the other
     ranks return None)."""
     exp = prepare(cfg)
-    pm = open_model(exp, backbone)
-    ensure_stage1(exp, pm)
+    exp, pm = plan_run(exp, open_model(exp, backbone))
+    with _timed(exp, "stage 1"):
+        ensure_stage1(exp, pm)
     if exp.cfg.generator:
-        ensure_generator(exp, pm)
-    ensure_users(exp, pm)
+        with _timed(exp, "shift generator"):
+            ensure_generator(exp, pm)
+    with _timed(exp, "stage 2"):
+        ensure_users(exp, pm)
     if not dist.is_main():
         return None
-    res = write_outputs(exp, pm, predict_variants(exp, pm))
+    with _timed(exp, "predictions"):
+        preds = predict_variants(exp, pm)
+    res = write_outputs(exp, pm, preds)
     link_latest(exp.run_dir)
     return res
 
 
+@contextlib.contextmanager
+def _timed(exp: Experiment, stage: str):
+    """The wall time of one stage of this run (reuse included), beside the plan's estimate in results.json."""
+    t0 = time.perf_counter()
+    yield
+    exp.timings.setdefault("wall", {})[stage] = round(time.perf_counter() - t0, 1)
+
+
 def stage1_only(cfg: RunConfig, backbone: Backbone | None = None) -> str:
     exp = prepare(cfg)
-    pm = open_model(exp, backbone)
+    exp, pm = plan_run(exp, open_model(exp, backbone))
     ensure_stage1(exp, pm)
     if exp.cfg.generator:
         ensure_generator(exp, pm)
@@ -368,7 +476,7 @@ def _require_stage1(exp: Experiment, pm: PerFitModel) -> None:
 
 def stage2_only(cfg: RunConfig, backbone: Backbone | None = None) -> str:
     exp = prepare(cfg)
-    pm = open_model(exp, backbone)
+    exp, pm = plan_run(exp, open_model(exp, backbone))
     if dist.is_main():
         _require_stage1(exp, pm)
     _share_stage1(pm)

@@ -62,6 +62,18 @@ def has_checkpoint(ckpt_dir: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_dir, CKPT_TENSORS))
 
 
+def artifact_key(path: str, field: str) -> str | None:
+    """The key a saved safetensors artifact (a stage-1 checkpoint's tensors, a generator) was made with, from its
+    metadata alone (None: no such file or key)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    return meta.get(field) or json.loads(meta.get("meta", "{}")).get(field)
+
+
 def load_collective(ckpt_dir: str) -> tuple[Shifter, dict]:
     """A stage-1 checkpoint on its own: the collective shift and P0. The tensors file carries its config in its own
     metadata, so the one file that is replaced atomically says everything (config.json beside it is a readable copy;

@@ -112,6 +112,7 @@ def mean_loss(model, shifter: Shifter, rows: list[TokenizedExample], pad_id: int
               max_rows: int = 32) -> float:
     """Mean target-token loss of `rows` under the shifter's current state (each row with its own module)."""
     total, n = 0.0, 0
+    rows = sorted(rows, key=lambda r: len(r.ids))  # passes of similar lengths: little padding
     for s in range(0, len(rows), max_rows):
         part = rows[s: s + max_rows]
         _, sums, toks = forward_loss(model, shifter, part, [0.0] * len(part), pad_id, first, last, None, min(shifter.layers))

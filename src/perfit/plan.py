@@ -1,0 +1,218 @@
+"""A run's plan before any work: what each stage will do (examples, tokens, steps), how long it will take on this
+device and the memory it will need, from rates measured on a few of the run's own examples (`train.cost`); and the
+time budget: what does not fit is cut in one documented order (CUTS), each cut named with how to lift it.
+
+The estimate is linear in tokens: training costs (once + epochs x per-epoch) seconds per token, a forward pass
+(generator features, validation) its own rate, predictions a rate per query. docs/performance.md says how close
+it came on the runs made.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from .train.cost import Rates
+from .train.stages import PROBE_EXAMPLES
+
+T = TypeVar("T")
+MEMORY_SHARE = 0.85  # of the memory the process can use (free + its own) that a stage may plan to take
+
+# the order in which a run that does not fit is cut, each down to its floor: the zero_shot answers first (PerFit's
+# own rows do not use them), then stage 1 (the collective shift
+# is a few thousand parameters learned from many users; it saturates long before the personal shifts do), then the
+# oldest history, then stage-2 epochs (the personal signal itself, cut last). docs/performance.md#time-budget.
+CUTS: tuple[tuple[str, str], ...] = (
+    ("zero_shot", "the zero_shot answers (the bare model's row)"),
+    ("max_stage1_examples", "stage-1 examples, taken evenly across the stage-1 users"),
+    ("stage1_epochs", "stage-1 epochs"),
+    ("max_history", "history items per test user, latest kept"),
+    ("max_epoch", "stage-2 epochs"),
+)
+FLOORS = {"zero_shot": 0, "max_stage1_examples": 256, "stage1_epochs": 1, "max_history": 8, "max_epoch": 2}
+
+
+def even_cap(per_user: list[list[T]], n: int) -> list[T]:
+    """At most n items, taken round-robin across users so every user is represented (0: all)."""
+    if n <= 0:
+        return [e for u in per_user for e in u]
+    out: list[T] = []
+    k = 0
+    while len(out) < n and any(k < len(u) for u in per_user):
+        out += [u[k] for u in per_user if k < len(u)][: n - len(out)]
+        k += 1
+    return out
+
+
+def duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+@dataclass
+class Workload:
+    """The run's data in tokens: (prompt, target) tokens of every example, per user."""
+    stage1: list[list[tuple[int, int]]]  # each stage-1 user's examples (user_others.json, as stage 1 scans it)
+    tests: list[list[tuple[int, int]]]  # each test user to personalize: its history examples, oldest first
+    queries: int
+    stage1_reused: bool = False  # a checkpoint with this stage-1 key exists (here or in a sibling run)
+    generator_reused: bool = False
+    state_bytes_per_token: int = 0  # hidden size x element size: one cached frozen state
+
+
+def _tokens(rows: list[tuple[int, int]]) -> int:
+    return sum(p + t for p, t in rows)
+
+
+def _mean(rows: list[tuple[int, int]], k: int) -> float:
+    return round(sum(r[k] for r in rows) / len(rows), 1) if rows else 0.0
+
+
+def _steps(per_user: list[int], epochs: int, batch: int, group: int) -> int:
+    """Steps of the batched loop: users in groups of `group`, a group as many steps as its longest user."""
+    sizes = [math.ceil(n / batch) * epochs for n in per_user]
+    return sum(max(sizes[g: g + group], default=0) for g in range(0, len(sizes), group))
+
+
+def stages(cfg, w: Workload, r: Rates) -> list[dict]:
+    """Each stage's plan under `cfg` (resolved): examples, mean prompt/target tokens, epochs, steps, seconds, peak bytes."""
+    out = []
+    cache = lambda tok: min(tok * w.state_bytes_per_token, cfg.cache_max_bytes)  # noqa: E731
+    passes = lambda rows, ex: r.pass_bytes_per_row_token * rows * max((p + t for p, t in ex), default=0)  # noqa: E731
+    s1 = even_cap(w.stage1, cfg.max_stage1_examples)
+    tok1 = _tokens(s1)
+    out.append({"stage": "stage 1", "reused": w.stage1_reused, "examples": len(s1), "prompt_tokens": _mean(s1, 0),
+                "target_tokens": _mean(s1, 1), "epochs": cfg.stage1_epochs,
+                "steps": 0 if w.stage1_reused else _steps([len(s1)], cfg.stage1_epochs, cfg.batch_size, 1),
+                "seconds": 0.0 if w.stage1_reused else tok1 * (r.train_token_once_s + cfg.stage1_epochs * r.train_token_epoch_s)
+                + 2 * _tokens(s1[:: max(1, len(s1) // PROBE_EXAMPLES)][:PROBE_EXAMPLES]) * r.forward_token_s,  # the learning probe
+                "cache_bytes": 0 if w.stage1_reused else cache(tok1), "rows": cfg.batch_size,
+                "pass_bytes": 0 if w.stage1_reused else passes(cfg.batch_size, s1)})
+    if cfg.generator:
+        every = [e for u in w.stage1 for e in u]
+        users = [u for u in w.stage1 if len(u) > 1]
+        per = _tokens(every) / max(len(every), 1)
+        train = cfg.gen_epochs * len(users) * min(cfg.gen_targets, 4) * per * (r.train_token_epoch_s + r.forward_token_s)
+        out.append({"stage": "shift generator", "reused": w.generator_reused, "examples": len(every),
+                    "prompt_tokens": _mean(every, 0), "target_tokens": _mean(every, 1), "epochs": cfg.gen_epochs,
+                    "steps": 0 if w.generator_reused else cfg.gen_epochs * math.ceil(len(users) / cfg.gen_users_per_step),
+                    "seconds": 0.0 if w.generator_reused else _tokens(every) * r.forward_token_s + train,
+                    "cache_bytes": 0 if w.generator_reused else cache(_tokens(every)), "rows": 0, "pass_bytes": 0})
+    hist = [u[-cfg.max_history:] if cfg.max_history > 0 else u for u in w.tests]
+    ex2 = [e for u in hist for e in u]
+    tok2 = _tokens(ex2)
+    mode = cfg.personalize
+    epochs = 0 if mode == "instant" else cfg.warm_epochs if mode == "instant+train" else cfg.max_epoch
+    secs = tok2 * r.forward_token_s if mode != "train" else 0.0
+    if epochs:
+        secs += tok2 * (r.train_token_once_s + epochs * r.train_token_epoch_s)
+        if cfg.early_stopping > 0:  # each user's validation items are scored once per epoch
+            secs += sum(_tokens(u[-cfg.early_stopping:]) for u in hist) * epochs * r.forward_token_s
+    group = min(cfg.user_group_size, max(len(hist), 1))
+    gtok = max((_tokens([e for u in hist[g: g + group] for e in u]) for g in range(0, len(hist), group)), default=0)
+    rows = min(cfg.rows_per_pass, group * cfg.batch_size)
+    out.append({"stage": "stage 2", "users": len(hist), "examples": len(ex2), "prompt_tokens": _mean(ex2, 0),
+                "target_tokens": _mean(ex2, 1), "epochs": epochs, "mode": mode,
+                "steps": _steps([len(u) for u in hist], epochs, cfg.batch_size, cfg.user_group_size),
+                "seconds": secs, "cache_bytes": cache(gtok), "rows": rows, "pass_bytes": passes(rows, ex2) if epochs else 0})
+    variants = 2 + cfg.zero_shot
+    out.append({"stage": "predictions", "queries": w.queries, "variants": variants,
+                "seconds": variants * w.queries * r.generate_query_s,
+                "cache_bytes": 0, "rows": 0, "pass_bytes": 0})
+    for s in out:
+        s["seconds"] = round(s["seconds"], 1)
+        s["cache_bytes"], s["pass_bytes"] = int(s["cache_bytes"]), int(s["pass_bytes"])
+        reused = s.get("reused") or (s["stage"] == "stage 1" and w.stage1_reused)
+        s["peak_bytes"] = 0 if reused else int(r.base_bytes + s["cache_bytes"] + s["pass_bytes"])
+    return out
+
+
+def total_seconds(plan: list[dict]) -> float:
+    return sum(s["seconds"] for s in plan)
+
+
+def fit_budget(cfg, w: Workload, r: Rates, budget: float | None) -> tuple[object, list[dict]]:
+    """`cfg` cut in CUTS order until the estimate fits `budget` seconds (unchanged when it fits already); each knob
+    takes the largest value that fits, never below its floor. Returns (cfg, cuts)."""
+    est: Callable[[object], float] = lambda c: total_seconds(stages(c, w, r))  # noqa: E731
+    cuts: list[dict] = []
+    cfg0 = cfg
+    if budget is None or est(cfg) <= budget:
+        return cfg, cuts
+    for knob, what in CUTS:
+        if knob in ("max_stage1_examples", "stage1_epochs") and w.stage1_reused:
+            continue  # stage 1 is done: cutting it would only retrain it
+        if knob == "max_epoch" and cfg.personalize == "instant":
+            continue
+        now = _current(cfg, knob, w)
+        floor = min(FLOORS[knob], now)
+        if now <= floor:
+            continue
+        lo, hi, best = floor, now - 1, floor  # the largest value in [floor, now) that fits; floor if none
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if est(dataclasses.replace(cfg, **{knob: mid})) <= budget:
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        before = est(cfg)
+        cfg = dataclasses.replace(cfg, **{knob: best})
+        cuts.append({"setting": knob, "what": what, "from": now, "to": best,
+                     "estimate_before_s": round(before, 1), "estimate_after_s": round(est(cfg), 1),
+                     "lift": f"--{knob} {getattr(cfg0, knob)} with --time_budget none (or a larger --time_budget)"})
+        if est(cfg) <= budget:
+            break
+    return cfg, cuts
+
+
+def _current(cfg, knob: str, w: Workload) -> int:
+    """The knob's effective value (0 means 'all' for the caps)."""
+    v = getattr(cfg, knob)
+    if knob == "max_stage1_examples":
+        return v if v > 0 else sum(len(u) for u in w.stage1)
+    if knob == "max_history":
+        return v if v > 0 else max((len(u) for u in w.tests), default=0)
+    return v
+
+
+def fit_memory(cfg, w: Workload, r: Rates, limit: int | None) -> tuple[object, list[dict]]:
+    """Speed settings shrunk (rows per training pass, then the in-memory state cache, which then spills to disk) so
+    that no stage's peak exceeds `limit` bytes; results do not depend on them. Returns (cfg, changes)."""
+    changes: list[dict] = []
+    if not limit:
+        return cfg, changes
+    peak = lambda c: max(stages(c, w, r), key=lambda s: s["peak_bytes"])  # noqa: E731
+    top = peak(cfg)
+    if top["peak_bytes"] > limit and top["stage"] == "stage 2" and cfg.rows_per_pass > cfg.batch_size:
+        per_row = max(top["pass_bytes"] / top["rows"], 1)
+        rows = max(cfg.batch_size, int((limit - top["peak_bytes"] + top["pass_bytes"]) // per_row))
+        if rows < cfg.rows_per_pass:
+            changes.append({"setting": "rows_per_pass", "from": cfg.rows_per_pass, "to": rows})
+            cfg = dataclasses.replace(cfg, rows_per_pass=rows)
+    top = peak(cfg)
+    if top["peak_bytes"] > limit and top["cache_bytes"] > 0:
+        new = max(0, int(top["cache_bytes"] - (top["peak_bytes"] - limit)))
+        changes.append({"setting": "cache_max_bytes", "from": cfg.cache_max_bytes, "to": new})
+        cfg = dataclasses.replace(cfg, cache_max_bytes=new)
+    return cfg, changes
+
+
+def describe(plan: list[dict], budget: float | None, device: str) -> str:
+    """The plan as the log prints it."""
+    lines = [f"plan on {device} (estimated from a timed pass over the run's own examples):"]
+    for s in plan:
+        if s.get("reused") or s.get("users") == 0:
+            lines.append(f"  {s['stage']}: {'reused' if s.get('reused') else 'every user already stored'}")
+            continue
+        if s["stage"] == "predictions":
+            what = f"{s['queries']} queries x {s['variants']} variants"
+        else:
+            who = f"{s['users']} users, " if "users" in s else ""
+            what = (f"{who}{s['examples']} examples "
+                    f"(mean {s['prompt_tokens']:.0f} prompt + {s['target_tokens']:.0f} target tokens), "
+                    f"{s['epochs']} epochs, {s['steps']} steps")
+        lines.append(f"  {s['stage']}: {what}: ~{duration(s['seconds'])}, peak ~{s['peak_bytes'] / 2**30:.1f} GiB")
+    t = total_seconds(plan)
+    lines.append(f"  total ~{duration(t)}" + ("" if budget is None else f" (time budget {duration(budget)})"))
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""The plan before any work and the time budget: estimates from a timed pass, cuts in their documented order, and a
+run that fits left exactly as it was."""
+import dataclasses
+import json
+import logging
+import os
+
+import pytest
+
+from perfit import pipeline, plan
+from perfit.config import RunConfig, parse_budget
+from perfit.errors import ConfigError
+from perfit.train.cost import Rates
+
+from conftest import run_cfg
+
+RATES = Rates(train_token_epoch_s=1e-3, train_token_once_s=2e-4, forward_token_s=3e-4, generate_query_s=0.5,
+              pass_bytes_per_row_token=1e5, base_bytes=10**9, sample_examples=16, sample_tokens=4000, seconds=1.0)
+
+
+def _workload(stage1_users=50, per_user=20, tests=10, history=30, tokens=(200, 2)):
+    return plan.Workload([[tokens] * per_user for _ in range(stage1_users)], [[tokens] * history for _ in range(tests)],
+                         queries=5 * tests, state_bytes_per_token=576 * 4)
+
+
+def _cfg(**kw):
+    return RunConfig(**(dict(task_name="product_rating", preset="paper") | kw)).resolved()
+
+
+def test_budget_parsing():
+    assert parse_budget("20m", False) == 1200 and parse_budget("2h", False) == 7200
+    assert parse_budget("1h30m", False) == 5400 and parse_budget("90s", False) == 90
+    assert parse_budget("none", False) is None and parse_budget("auto", True) is None
+    assert parse_budget("auto", False) == 1200
+    with pytest.raises(ConfigError, match="--time_budget '20 minutes'"):
+        _cfg(time_budget="20 minutes")
+
+
+def test_a_run_that_fits_is_not_cut():
+    cfg, w = _cfg(), _workload()
+    est = plan.total_seconds(plan.stages(cfg, w, RATES))
+    assert plan.fit_budget(cfg, w, RATES, None) == (cfg, [])
+    assert plan.fit_budget(cfg, w, RATES, est) == (cfg, [])
+
+
+def test_cuts_come_in_order_each_to_the_largest_value_that_fits():
+    cfg, w = _cfg(), _workload()
+    est = lambda c: plan.total_seconds(plan.stages(c, w, RATES))  # noqa: E731
+    full = est(cfg)
+    # a budget the zero_shot row and stage-1 examples can meet: only they are cut, the examples to the most that fit
+    only1 = est(dataclasses.replace(cfg, zero_shot=0, max_stage1_examples=600))
+    got, cuts = plan.fit_budget(cfg, w, RATES, only1)
+    assert [c["setting"] for c in cuts] == ["zero_shot", "max_stage1_examples"] and got.zero_shot == 0
+    assert got.max_stage1_examples >= 600 and est(got) <= only1
+    assert est(dataclasses.replace(got, max_stage1_examples=got.max_stage1_examples + 1)) > only1
+    assert cuts[1]["from"] == 1000 and cuts[1]["lift"].startswith("--max_stage1_examples 0 ")
+    # a tight budget: every knob in CUTS order, each down to its floor before the next is touched
+    got, cuts = plan.fit_budget(cfg, w, RATES, 0.15 * full)
+    names = [c["setting"] for c in cuts]
+    assert names == [k for k, _ in plan.CUTS][: len(names)] and len(names) >= 3
+    for c in cuts[:-1]:
+        assert c["to"] == plan.FLOORS[c["setting"]]
+    assert est(got) <= 0.15 * full
+    # impossible: everything at its floor, the estimate still over (the pipeline then warns)
+    got, cuts = plan.fit_budget(cfg, w, RATES, 1.0)
+    assert [c["setting"] for c in cuts] == [k for k, _ in plan.CUTS]
+    assert all(getattr(got, c["setting"]) == plan.FLOORS[c["setting"]] for c in cuts)
+
+
+def test_a_reused_stage1_is_never_cut():
+    cfg, w = _cfg(), dataclasses.replace(_workload(), stage1_reused=True)
+    assert plan.stages(cfg, w, RATES)[0]["seconds"] == 0
+    _, cuts = plan.fit_budget(cfg, w, RATES, 1.0)
+    assert [c["setting"] for c in cuts] == ["zero_shot", "max_history", "max_epoch"]
+
+
+def test_memory_shrinks_rows_per_pass_then_the_cache():
+    cfg, w = _cfg(user_group_size=10), _workload()
+    peak = max(s["peak_bytes"] for s in plan.stages(cfg, w, RATES))
+    limit = peak - 3 * 10**8  # below stage 2's (rows per pass shrink) and stage 1's (its cache spills to disk)
+    got, changes = plan.fit_memory(cfg, w, RATES, limit)
+    assert [c["setting"] for c in changes] == ["rows_per_pass", "cache_max_bytes"]
+    assert cfg.batch_size <= got.rows_per_pass < cfg.rows_per_pass
+    assert max(s["peak_bytes"] for s in plan.stages(got, w, RATES)) <= limit
+    assert plan.fit_memory(cfg, w, RATES, peak) == (cfg, [])
+
+
+def test_estimate_within_a_factor_of_three_of_the_measured_training(tiny_model_dir, data, tmp_path):
+    """The rates from the timed pass over 8 of the examples predict what training all of them takes."""
+    from perfit.batching import tokenize_examples
+    from perfit.shifts import Shifter
+    from perfit.train.loop import train_shifts
+
+    cfg = run_cfg(tiny_model_dir, data, str(tmp_path))
+    exp = pipeline.prepare(cfg)
+    pm = pipeline.open_model(exp)
+    examples = pipeline.scan_training_data(exp, collect=True) * 6
+    rates = pm.measure_cost(examples[:8], [])
+    ex = tokenize_examples(pm.tok, examples, pm.cfg.max_length)
+    epochs = 3
+    predicted = sum(len(e.ids) for e in ex) * (rates.train_token_once_s + epochs * rates.train_token_epoch_s)
+    sh = Shifter(pm.info.hidden_size, pm.cfg.layers, 4, 2, 1, 0).to(pm.device)
+    with sh.attached(pm.model):
+        stats = train_shifts(pm.model, sh, ex, epochs=epochs, batch_size=pm.cfg.batch_size, lr=1e-2, train_collective=True,
+                             pad_id=pm.tok.pad_token_id, first=pm.first, last=pm.last)
+    assert stats.seconds > 0.2, "too little work to time"
+    assert 1 / 3 <= predicted / stats.seconds <= 3, (predicted, stats.seconds)
+
+
+def test_a_budget_cuts_in_order_logs_each_cut_and_decides_the_same_again(tiny_model_dir, data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="perfit")
+    free = pipeline.run(run_cfg(tiny_model_dir, data, str(tmp_path), time_budget="none", max_epoch=4, stage1_epochs=4))
+    assert free["plan"]["cuts"] == [] and {s["stage"] for s in free["plan"]["stages"]} == {"stage 1", "stage 2", "predictions"}
+    assert set(free["wall_seconds"]) == {"stage 1", "stage 2", "predictions"}
+    # the same settings under a budget they fit: the same run, reused whole
+    fits = pipeline.run(run_cfg(tiny_model_dir, data, str(tmp_path), time_budget="2h", max_epoch=4, stage1_epochs=4))
+    assert fits["run_dir"] == free["run_dir"] and fits["plan"]["cuts"] == []
+    assert fits["variants"]["perfit"]["metrics"] == free["variants"]["perfit"]["metrics"]
+    caplog.clear()  # elsewhere (here everything is done, so any budget fits): a budget the run cannot meet
+    out = str(tmp_path / "cut")
+    cut = pipeline.run(run_cfg(tiny_model_dir, data, out, time_budget="0.1s", max_epoch=4, stage1_epochs=4))
+    names = [c["setting"] for c in cut["plan"]["cuts"]]
+    assert names == ["zero_shot", "stage1_epochs", "max_epoch"]  # in CUTS order; the tiny data is below the other two floors
+    assert "over the budget" in caplog.text  # every cut at its floor and still over: said
+    assert os.path.basename(cut["run_dir"]) != os.path.basename(free["run_dir"]) and "zero_shot" not in cut["variants"]
+    saved = json.load(open(os.path.join(cut["run_dir"], "config.json")))
+    for c in cut["plan"]["cuts"]:
+        assert saved[c["setting"]] == c["to"]
+        assert f"cut from {c['from']} to {c['to']}" in caplog.text and c["lift"] in caplog.text
+    caplog.clear()
+    again = pipeline.run(run_cfg(tiny_model_dir, data, out, time_budget="0.1s", max_epoch=4, stage1_epochs=4))
+    assert again["run_dir"] == cut["run_dir"] and "as decided when this run was first planned" in caplog.text
