@@ -36,9 +36,10 @@ def _fingerprints(cfg: CompareConfig) -> dict:
 PLANNED = {"stage1", "perfit", "perfit_instant", "perfit_warm"}  # the methods PerFit's plan and budget speak for
 
 
-def _plan(cfg: CompareConfig, exp: pipeline.Experiment) -> tuple[CompareConfig, pipeline.Experiment]:
-    """PerFit's plan, printed before any method runs; under an explicit --time_budget (auto means none here: a
-    comparison's other methods are not planned) its cuts apply to every method, so all compare on the same data."""
+def plan_methods(cfg: CompareConfig, exp: pipeline.Experiment) -> tuple[CompareConfig, pipeline.Experiment]:
+    """PerFit's plan, printed before any method runs (compare) or trial (tune: for the base settings); under an
+    explicit --time_budget (auto means none here: the other methods and the trials are not planned) its cuts apply
+    to every method and trial, so all are scored on the same data."""
     import dataclasses
 
     if cfg.time_budget.strip().lower() == "auto":
@@ -60,7 +61,7 @@ def compare(cfg: CompareConfig) -> dict:
     methods = cfg.method_list()
     exp = pipeline.prepare(cfg)
     if PLANNED & set(methods):
-        cfg, exp = _plan(cfg, exp)
+        cfg, exp = plan_methods(cfg, exp)
     fps = exp.fingerprints
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)

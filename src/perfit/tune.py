@@ -120,7 +120,7 @@ def tune(tc: TuneConfig) -> dict:
 
     from . import pipeline
     from .baselines.methods import run_method
-    from .compare import save_record, saved_record
+    from .compare import PLANNED, plan_methods, save_record, saved_record
 
     if tc.holdout <= 0:
         raise ConfigError("--holdout must be > 0: trials are scored on each test user's held-out last history items, "
@@ -132,6 +132,8 @@ def tune(tc: TuneConfig) -> dict:
     space = search_space(tc)
     sampler = _sampler(tc, space)  # a space the sampler cannot take is refused before anything is written
     exp = pipeline.prepare(base)  # so is a task that makes no held-out queries
+    if tc.method in PLANNED:
+        base, exp = plan_methods(base, exp)
     os.makedirs(tc.output_dir, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     direction = "minimize" if get_task(tc.task_name).lower_is_better else "maximize"  # MAE for ratings
