@@ -94,10 +94,10 @@ def test_estimate_within_a_factor_of_three_of_the_measured_training(tiny_model_d
     cfg = run_cfg(tiny_model_dir, data, str(tmp_path))
     exp = pipeline.prepare(cfg)
     pm = pipeline.open_model(exp)
-    examples = pipeline.scan_training_data(exp, collect=True) * 6
-    rates = pm.measure_cost(examples[:8], [])
+    examples = pipeline.scan_training_data(exp, collect=True) * 3
+    rates = pm.measure_cost(plan.quantile_sample(examples, 4, lambda e: len(e.prompt)), [])
     ex = tokenize_examples(pm.tok, examples, pm.cfg.max_length)
-    epochs = 3
+    epochs = 2
     predicted = sum(len(e.ids) for e in ex) * (rates.train_token_once_s + epochs * rates.train_token_epoch_s)
     sh = Shifter(pm.info.hidden_size, pm.cfg.layers, 4, 2, 1, 0).to(pm.device)
     with sh.attached(pm.model):
@@ -130,3 +130,20 @@ def test_a_budget_cuts_in_order_logs_each_cut_and_decides_the_same_again(tiny_mo
     caplog.clear()
     again = pipeline.run(run_cfg(tiny_model_dir, data, out, time_budget="0.1s", max_epoch=4, stage1_epochs=4))
     assert again["run_dir"] == cut["run_dir"] and "as decided when this run was first planned" in caplog.text
+
+
+def test_a_frozen_prefix_over_the_cache_bound_is_planned_as_recomputed_and_the_bound_raised_when_memory_allows():
+    """Seen: 22 users' full histories needed 2.1 GB of frozen prefix, over the 2 GiB bound; every epoch then ran
+    whole prompts (320 s a step instead of ~20) while the plan had said 11 minutes."""
+    cfg = _cfg(positions="l8", cache_max_bytes=50 * 2**20)
+    w = dataclasses.replace(_workload(), prefix_bytes_per_token=16 * 2 * 3 * 64 * 4, last=8)
+    rates = dataclasses.replace(RATES, train_token_epoch_s=1e-5, train_token_once_s=3e-4)  # an epoch of 8 positions
+    stage2 = lambda c: next(s for s in plan.stages(c, w, rates) if s["stage"] == "stage 2")  # noqa: E731
+    s2 = stage2(cfg)
+    assert s2["cache_need"] > cfg.cache_max_bytes and s2["cached"] is False
+    got, changes = plan.fit_memory(cfg, w, rates, 64 * 2**30)
+    assert changes[0]["setting"] == "cache_max_bytes" and got.cache_max_bytes >= s2["cache_need"]
+    fast = stage2(got)
+    assert fast["cached"] is True and fast["seconds"] < s2["seconds"]
+    # no memory for it: the bound stays and the plan keeps the slow estimate
+    assert all(c["to"] <= cfg.cache_max_bytes for c in plan.fit_memory(cfg, w, rates, rates.base_bytes + 10**8)[1])

@@ -24,6 +24,7 @@ from .errors import ConfigError, RunStateError
 from .model import VARIANTS, PerFitModel
 from .rundir import CKPT, CKPT_TENSORS, GENERATOR, USERS, artifact_key, load_collective_from, load_run_config, store_path
 from .batching import tokenize_examples
+from .prefix import can_splice, kv_shape
 from .prompts import Example, PromptBuilder
 
 log = logging.getLogger("perfit")
@@ -209,8 +210,13 @@ def _workload(exp: Experiment, pm: PerFitModel) -> tuple[plan.Workload, list[Exa
     keyg = pm.keys()["generator"]
     reusedg = any(artifact_key(os.path.join(d, GENERATOR), "generator_key") == keyg for d in ckpts)
     elem = next(pm.model.parameters()).element_size()
+    prefix_bytes = 0
+    if pm.first == 0 and can_splice(pm.model):  # last positions only: the frozen prefix is cached as keys and values
+        kvh, hd = kv_shape(pm.model)
+        prefix_bytes = (pm.info.num_layers - min(pm.cfg.layers)) * 2 * kvh * hd * elem
     w = plan.Workload([lengths(v) for v in by_user.values()], [lengths(t) for t in tests],
-                      sum(len(u.query) for u in exp.data.test_users), reused1, reusedg, pm.info.hidden_size * elem)
+                      sum(len(u.query) for u in exp.data.test_users), reused1, reusedg, pm.info.hidden_size * elem,
+                      prefix_bytes, pm.last)
     return w, [e for v in by_user.values() for e in v]
 
 
@@ -245,12 +251,9 @@ def plan_run(exp: Experiment, pm: PerFitModel) -> tuple[Experiment, PerFitModel]
             w, s1 = _workload(exp, pm)
             sample = s1 if not w.stage1_reused and s1 else [
                 exp.builder.history_example(it, u.user_id) for u in exp.data.test_users for it in u.profile]
-            # a short pass: 4 examples at the quantiles of the prompt length (one pass each epoch)
-            sample = sorted(sample, key=lambda e: len(e.prompt))
-            n = min(len(sample), 4)
-            sample = [sample[(2 * k + 1) * len(sample) // (2 * n)] for k in range(n)] if n else []
-            inputs = sorted(exp.queries[2], key=len)
-            inputs = [inputs[(2 * k + 1) * len(inputs) // 6] for k in range(3)] if len(inputs) >= 3 else inputs
+            # a short pass: 4 examples and 8 queries at the quantiles of their length
+            sample = plan.quantile_sample(sample, 4, lambda e: len(e.prompt))
+            inputs = plan.quantile_sample(exp.queries[2], min(8, c.eval_batch_size), len)
             rates = pm.measure_cost(sample, inputs) if sample else None
             decision = {"budget_s": budget, "device": str(pm.device), "changes": {}, "cuts": [], "memory": []}
             if rates is not None:
@@ -267,8 +270,8 @@ def plan_run(exp: Experiment, pm: PerFitModel) -> tuple[Experiment, PerFitModel]
         if decision.get("stages"):
             log.info("%s", plan.describe(decision["stages"], budget, decision["device"]))
         for m in decision.get("memory", []):
-            log.warning("plan: --%s %s -> %s so the peak fits this machine's memory (results do not depend on it)",
-                        m["setting"], m["from"], m["to"])
+            log.warning("plan: --%s %s -> %s so %s (results do not depend on it)", m["setting"], m["from"], m["to"],
+                        m.get("why", "the peak fits this machine's memory"))
         for k in decision.get("cuts", []):
             log.warning("time budget: %s cut from %s to %s (estimate %s -> %s); to keep them: %s", k["what"], k["from"],
                         k["to"], plan.duration(k["estimate_before_s"]), plan.duration(k["estimate_after_s"]), k["lift"])

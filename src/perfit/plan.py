@@ -45,6 +45,13 @@ def even_cap(per_user: list[list[T]], n: int) -> list[T]:
     return out
 
 
+def quantile_sample(items: list[T], n: int, key) -> list[T]:
+    """n items at the quantiles of `key` (the middle of each n-th): the timed pass's examples and queries."""
+    items = sorted(items, key=key)
+    n = min(n, len(items))
+    return [items[(2 * k + 1) * len(items) // (2 * n)] for k in range(n)] if n else []
+
+
 def duration(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -59,6 +66,21 @@ class Workload:
     stage1_reused: bool = False  # a checkpoint with this stage-1 key exists (here or in a sibling run)
     generator_reused: bool = False
     state_bytes_per_token: int = 0  # hidden size x element size: one cached frozen state
+    # last-positions-only shifts: each prompt token before the last `last` is cached as keys and values of every layer
+    # from the lowest shifted one up (this many bytes a token; 0: the run caches only the states entering that layer)
+    prefix_bytes_per_token: int = 0
+    last: int = 0
+
+
+def cache_need(w: Workload, rows: list[tuple[int, int]]) -> int:
+    """Bytes of the frozen states training caches for these examples (caches.compute_frozen_prefix / lower cache)."""
+    if not w.prefix_bytes_per_token:
+        return _tokens(rows) * w.state_bytes_per_token
+    total = 0
+    for p, t in rows:
+        prefix = max(p - max(w.last, 1), 0)
+        total += prefix * w.prefix_bytes_per_token + (p + t - prefix) * w.state_bytes_per_token
+    return total
 
 
 def _tokens(rows: list[tuple[int, int]]) -> int:
@@ -78,44 +100,57 @@ def _steps(per_user: list[int], epochs: int, batch: int, group: int) -> int:
 def stages(cfg, w: Workload, r: Rates) -> list[dict]:
     """Each stage's plan under `cfg` (resolved): examples, mean prompt/target tokens, epochs, steps, seconds, peak bytes."""
     out = []
-    cache = lambda tok: min(tok * w.state_bytes_per_token, cfg.cache_max_bytes)  # noqa: E731
+
+    def rates(rows) -> tuple[float, float, int, bool]:
+        """(once, per-epoch seconds a token, cached bytes, whether the frozen prefix is cached): a frozen prefix over
+        the cache bound is not kept, and every epoch then runs whole prompts (about a forward and its backward)."""
+        need = cache_need(w, rows)
+        if w.prefix_bytes_per_token and need > cfg.cache_max_bytes:
+            return 0.0, 3 * r.forward_token_s, min(_tokens(rows) * w.state_bytes_per_token, cfg.cache_max_bytes), False
+        return r.train_token_once_s, r.train_token_epoch_s, min(need, cfg.cache_max_bytes), True
+
     passes = lambda rows, ex: r.pass_bytes_per_row_token * rows * max((p + t for p, t in ex), default=0)  # noqa: E731
     s1 = even_cap(w.stage1, cfg.max_stage1_examples)
     tok1 = _tokens(s1)
+    once1, epoch1, cache1, fits1 = rates(s1)
     out.append({"stage": "stage 1", "reused": w.stage1_reused, "examples": len(s1), "prompt_tokens": _mean(s1, 0),
                 "target_tokens": _mean(s1, 1), "epochs": cfg.stage1_epochs,
                 "steps": 0 if w.stage1_reused else _steps([len(s1)], cfg.stage1_epochs, cfg.batch_size, 1),
-                "seconds": 0.0 if w.stage1_reused else tok1 * (r.train_token_once_s + cfg.stage1_epochs * r.train_token_epoch_s)
+                "seconds": 0.0 if w.stage1_reused else tok1 * (once1 + cfg.stage1_epochs * epoch1)
                 + 2 * _tokens(s1[:: max(1, len(s1) // PROBE_EXAMPLES)][:PROBE_EXAMPLES]) * r.forward_token_s,  # the learning probe
-                "cache_bytes": 0 if w.stage1_reused else cache(tok1), "rows": cfg.batch_size,
+                "cache_bytes": 0 if w.stage1_reused else cache1, "cache_need": cache_need(w, s1), "cached": fits1,
+                "rows": cfg.batch_size,
                 "pass_bytes": 0 if w.stage1_reused else passes(cfg.batch_size, s1)})
     if cfg.generator:
         every = [e for u in w.stage1 for e in u]
         users = [u for u in w.stage1 if len(u) > 1]
         per = _tokens(every) / max(len(every), 1)
-        train = cfg.gen_epochs * len(users) * min(cfg.gen_targets, 4) * per * (r.train_token_epoch_s + r.forward_token_s)
+        train = cfg.gen_epochs * len(users) * cfg.gen_targets * per * (r.train_token_epoch_s + r.forward_token_s)
         out.append({"stage": "shift generator", "reused": w.generator_reused, "examples": len(every),
                     "prompt_tokens": _mean(every, 0), "target_tokens": _mean(every, 1), "epochs": cfg.gen_epochs,
                     "steps": 0 if w.generator_reused else cfg.gen_epochs * math.ceil(len(users) / cfg.gen_users_per_step),
                     "seconds": 0.0 if w.generator_reused else _tokens(every) * r.forward_token_s + train,
-                    "cache_bytes": 0 if w.generator_reused else cache(_tokens(every)), "rows": 0, "pass_bytes": 0})
+                    "cache_bytes": 0 if w.generator_reused else min(_tokens(every) * w.state_bytes_per_token,
+                                                                    cfg.cache_max_bytes), "rows": 0, "pass_bytes": 0})
     hist = [u[-cfg.max_history:] if cfg.max_history > 0 else u for u in w.tests]
     ex2 = [e for u in hist for e in u]
     tok2 = _tokens(ex2)
     mode = cfg.personalize
     epochs = 0 if mode == "instant" else cfg.warm_epochs if mode == "instant+train" else cfg.max_epoch
     secs = tok2 * r.forward_token_s if mode != "train" else 0.0
+    group = min(cfg.user_group_size, max(len(hist), 1))
+    groups = [[e for u in hist[g: g + group] for e in u] for g in range(0, len(hist), group)]
+    biggest = max(groups, key=lambda rows: cache_need(w, rows), default=[])
+    once2, epoch2, cache2, fits2 = rates(biggest)
     if epochs:
-        secs += tok2 * (r.train_token_once_s + epochs * r.train_token_epoch_s)
+        secs += sum(_tokens(rows) * (rates(rows)[0] + epochs * rates(rows)[1]) for rows in groups)
         if cfg.early_stopping > 0:  # each user's validation items are scored once per epoch
             secs += sum(_tokens(u[-cfg.early_stopping:]) for u in hist) * epochs * r.forward_token_s
-    group = min(cfg.user_group_size, max(len(hist), 1))
-    gtok = max((_tokens([e for u in hist[g: g + group] for e in u]) for g in range(0, len(hist), group)), default=0)
     rows = min(cfg.rows_per_pass, group * cfg.batch_size)
     out.append({"stage": "stage 2", "users": len(hist), "examples": len(ex2), "prompt_tokens": _mean(ex2, 0),
                 "target_tokens": _mean(ex2, 1), "epochs": epochs, "mode": mode,
                 "steps": _steps([len(u) for u in hist], epochs, cfg.batch_size, cfg.user_group_size),
-                "seconds": secs, "cache_bytes": cache(gtok), "rows": rows, "pass_bytes": passes(rows, ex2) if epochs else 0})
+                "seconds": secs, "cache_bytes": cache2, "cache_need": cache_need(w, biggest), "cached": fits2, "rows": rows, "pass_bytes": passes(rows, ex2) if epochs else 0})
     variants = 2 + cfg.zero_shot
     out.append({"stage": "predictions", "queries": w.queries, "variants": variants,
                 "seconds": variants * w.queries * r.generate_query_s,
@@ -183,6 +218,13 @@ def fit_memory(cfg, w: Workload, r: Rates, limit: int | None) -> tuple[object, l
     if not limit:
         return cfg, changes
     peak = lambda c: max(stages(c, w, r), key=lambda s: s["peak_bytes"])  # noqa: E731
+    over = [s for s in stages(cfg, w, r) if s.get("cached") is False]
+    if over:  # a frozen prefix over the bound would be recomputed every epoch: raise the bound if memory allows
+        raised = dataclasses.replace(cfg, cache_max_bytes=max(s["cache_need"] for s in over))
+        if peak(raised)["peak_bytes"] <= limit:
+            changes.append({"setting": "cache_max_bytes", "from": cfg.cache_max_bytes, "to": raised.cache_max_bytes,
+                            "why": "the frozen prefix stays cached (over the bound it is recomputed every epoch)"})
+            cfg = raised
     top = peak(cfg)
     if top["peak_bytes"] > limit and top["stage"] == "stage 2" and cfg.rows_per_pass > cfg.batch_size:
         per_row = max(top["pass_bytes"] / top["rows"], 1)
