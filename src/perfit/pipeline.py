@@ -258,8 +258,10 @@ def plan_run(exp: Experiment, pm: PerFitModel) -> tuple[Experiment, PerFitModel]
             decision = {"budget_s": budget, "device": str(pm.device), "changes": {}, "cuts": [], "memory": []}
             if rates is not None:
                 rc = pm.cfg
-                rc2, memory = plan.fit_memory(rc, w, rates, _memory_limit(pm))
-                rc3, cuts = plan.fit_budget(rc2, w, rates, budget)
+                limit = _memory_limit(pm)
+                cut, cuts = plan.fit_budget(rc, w, rates, budget, limit)
+                rc2 = plan.fit_memory(rc, w, rates, limit)[0]  # the uncut run, for the record
+                rc3, memory = plan.fit_memory(cut, w, rates, limit)
                 changes = {k: getattr(rc3, k) for k in ("zero_shot", "max_stage1_examples", "stage1_epochs", "max_history", "max_epoch",
                                                         "rows_per_pass", "cache_max_bytes") if getattr(rc3, k) != getattr(rc, k)}
                 decision |= {"changes": changes, "cuts": cuts, "memory": memory, "rates": rates.as_dict(),

@@ -167,10 +167,11 @@ def total_seconds(plan: list[dict]) -> float:
     return sum(s["seconds"] for s in plan)
 
 
-def fit_budget(cfg, w: Workload, r: Rates, budget: float | None) -> tuple[object, list[dict]]:
+def fit_budget(cfg, w: Workload, r: Rates, budget: float | None, memory: int | None = None) -> tuple[object, list[dict]]:
     """`cfg` cut in CUTS order until the estimate fits `budget` seconds (unchanged when it fits already); each knob
-    takes the largest value that fits, never below its floor. Returns (cfg, cuts)."""
-    est: Callable[[object], float] = lambda c: total_seconds(stages(c, w, r))  # noqa: E731
+    takes the largest value that fits, never below its floor. Each candidate is estimated with its speed settings
+    fitted to `memory` bytes (`fit_memory`: a smaller run may keep its frozen prefix cached). Returns (cfg, cuts)."""
+    est: Callable[[object], float] = lambda c: total_seconds(stages(fit_memory(c, w, r, memory)[0], w, r))  # noqa: E731
     cuts: list[dict] = []
     cfg0 = cfg
     if budget is None or est(cfg) <= budget:
