@@ -147,7 +147,7 @@ ALTERNATIVE = {
     "allow_overlap": 1, "overwrite": 1, "num_users": 3, "num_other_users": 3, "history_per_user": 3, "queries_per_user": 3,
     "methods": "rag", "rag_k": 3, "rag_item_words": 5, "lora_rank": 4, "lora_alpha": 8, "lora_targets": "q_proj",
     "lora_lr": 1e-2, "oppu_lr": 1e-2, "oppu_epochs": 3, "isolate": 0, "reference": "zero_shot",
-    "personalize": "instant", "warm_epochs": 3, "generator": 1, "gen_width": 16, "gen_dropout": 0.2, "gen_lr": 1e-3,
+    "personalize": "instant", "time_budget": "2h", "zero_shot": 0, "warm_epochs": 3, "generator": 1, "gen_width": 16, "gen_dropout": 0.2, "gen_lr": 1e-3,
     "gen_weight_decay": 0.1, "gen_epochs": 2, "gen_patience": 1, "gen_targets": 2, "gen_users_per_step": 4,
     "gen_holdout_fraction": 0.3,
 }

@@ -27,7 +27,7 @@ def test_two_trials_on_held_out_history(tiny_model_dir, data, tmp_path, caplog):
     doc = tune(tc)
     assert doc["completed"] == 2 and len(doc["trials"]) == 2
     assert all(t["metrics"]["n"] == 3 for t in doc["trials"])  # 3 users x 1 held-out item: never the 6 test queries
-    assert caplog.text.count("stage 1: 12 examples") == 1 and "reusing the checkpoint of" in caplog.text
+    assert caplog.text.count("stage 1: 12 examples, ") == 1 and "reusing the checkpoint of" in caplog.text
     ref = doc["reference"]  # user_majority on the same 3 held-out items; paired, so the mean difference is exact
     assert ref["method"] == "user_majority" and ref["metrics"]["n"] == 3
     for t in doc["trials"]:

@@ -188,7 +188,7 @@ def _sibling_checkpoints(exp: Experiment) -> list[str]:
 
 # ---------------------------------------------------------------- the plan and the time budget
 
-PLANS = "plans"  # <output_dir>/<task>/plans/: each budget decision, so a rerun or a resume decides the same
+PLANS = "plans"  # <output_dir>/plans/: each budget decision, so a rerun or a resume decides the same
 
 
 def _workload(exp: Experiment, pm: PerFitModel) -> tuple[plan.Workload, list[Example]]:
@@ -233,15 +233,15 @@ def _memory_limit(pm: PerFitModel) -> int:
 def plan_run(exp: Experiment, pm: PerFitModel) -> tuple[Experiment, PerFitModel]:
     """Before any work: the run's plan (each stage's examples, tokens, steps, estimated time and peak memory, from a
     timed pass over a few of its own examples), printed; speed settings shrunk to fit the memory; and what does not
-    fit --time_budget cut in plan.CUTS order, each cut logged. The decision is kept (<output_dir>/<task>/plans/), so
+    fit --time_budget cut in plan.CUTS order, each cut logged. The decision is kept (<output_dir>/plans/), so
     the same command run again, or resumed after a kill, makes the same cuts. Returns the (maybe cut) experiment and
     its model. Under torchrun rank 0 plans and every rank applies its decision."""
     c = exp.cfg
     budget = parse_budget(c.time_budget, pm.device.type == "cuda")
     decision = None
     if dist.is_main():
-        path = os.path.join(os.path.dirname(os.path.abspath(exp.run_dir)), PLANS,
-                            f"{pm.keys()['users']}_{'none' if budget is None else int(budget)}.json")
+        path = os.path.join(c.output_dir, PLANS,
+                            f"{c.task_name}_{pm.keys()['users']}_{'none' if budget is None else int(budget)}.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 decision = json.load(f)

@@ -101,7 +101,7 @@ def measure(model, tok, cfg, hidden_size: int, first: int, last: int, examples: 
             t0 = time.perf_counter()
             train_shifts(model, sh, ex, epochs=2, batch_size=len(ex), lr=cfg.lr, train_collective=True,
                          pad_id=tok.pad_token_id, first=first, last=last, seed=cfg.seed, desc="measuring",
-                         on_epoch=lambda _state: marks.append(time.perf_counter()), **kw)
+                         on_epoch=lambda _state: marks.append(time.perf_counter()), fault="", **kw)
             t1 = time.perf_counter()
         t_mid = marks[0] if marks else t0 + (t1 - t0) / 2
         epoch = max(t1 - t_mid, 1e-9)

@@ -87,7 +87,7 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
                  disk_cache_dir: str = "", disk_cache_max_bytes: int = 0, desc: str = "training",
                  resume: TrainState | None = None, on_epoch: Callable[[TrainState], None] | None = None,
                  data_parallel: bool = False, val_examples: list[TokenizedExample] | None = None,
-                 patience: int = 2) -> TrainStats:
+                 patience: int = 2, fault: str = "train.step") -> TrainStats:
     """Train the personal modules (and the collective one if `train_collective`) on `examples`, each example
     updating the personal module `example.module`. The shifter must be attached to `model`.
     `on_epoch(state)` is called at the end of every epoch-sized slice of steps; `resume` continues from such a state
@@ -198,7 +198,8 @@ def train_shifts(model, shifter: Shifter, examples: list[TokenizedExample], *, e
                 if on_epoch is not None and k + 1 < len(steps):
                     on_epoch(state(k + 1))
             bar.set_postfix(loss=f"{mean:.3f}", refresh=False)
-            fault_point("train.step")
+            if fault:  # the fault tests count steps of real training; the plan's timed pass passes ""
+                fault_point(fault)
     finally:
         for p in shifter.parameters():
             p.requires_grad_(False)
