@@ -262,11 +262,12 @@ def plan_run(exp: Experiment, pm: PerFitModel) -> tuple[Experiment, PerFitModel]
                 cut, cuts = plan.fit_budget(rc, w, rates, budget, limit)
                 rc2 = plan.fit_memory(rc, w, rates, limit)[0]  # the uncut run, for the record
                 rc3, memory = plan.fit_memory(cut, w, rates, limit)
-                changes = {k: getattr(rc3, k) for k in ("zero_shot", "max_stage1_examples", "stage1_epochs", "max_history", "max_epoch",
-                                                        "rows_per_pass", "cache_max_bytes") if getattr(rc3, k) != getattr(rc, k)}
+                knobs = [k for k, _ in plan.CUTS] + list(plan.MEMORY_SETTINGS)
+                changes = {k: getattr(rc3, k) for k in knobs if getattr(rc3, k) != getattr(rc, k)}
+                planned = plan.stages(rc3, w, rates)
                 decision |= {"changes": changes, "cuts": cuts, "memory": memory, "rates": rates.as_dict(),
-                             "before_cuts": plan.stages(rc2, w, rates), "stages": plan.stages(rc3, w, rates),
-                             "estimate_s": round(plan.total_seconds(plan.stages(rc3, w, rates)), 1),
+                             "before_cuts": plan.stages(rc2, w, rates), "stages": planned,
+                             "estimate_s": round(plan.total_seconds(planned), 1),
                              "planning_s": round(time.perf_counter() - t0, 1)}
             write_json_atomic(path, decision)
         if decision.get("stages"):

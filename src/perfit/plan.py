@@ -30,6 +30,7 @@ CUTS: tuple[tuple[str, str], ...] = (
     ("max_history", "history items per test user, latest kept"),
     ("max_epoch", "stage-2 epochs"),
 )
+MEMORY_SETTINGS = ("rows_per_pass", "cache_max_bytes")  # what fit_memory may change (speed only)
 FLOORS = {"zero_shot": 0, "max_stage1_examples": 256, "stage1_epochs": 1, "max_history": 8, "max_epoch": 2}
 
 
