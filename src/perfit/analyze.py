@@ -123,10 +123,11 @@ def analyze(pm: PerFitModel, users, output_dir: str, manifest: dict | None = Non
 
 
 def _plot(res: dict, vec: dict, cos: torch.Tensor, labels: list[str], path: str) -> None:
-    import matplotlib
+    from .extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
     for key, colour in (("total", "tab:red"), ("personal", "tab:blue")):

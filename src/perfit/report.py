@@ -65,10 +65,11 @@ def write_report(cfg: CompareConfig, records: dict, exp) -> dict:
 
 def plot(records: dict, metric: str, path: str, title: str) -> None:
     """Quality against per-user cost (training seconds, bytes stored), one labelled point per method."""
-    import matplotlib
+    from .extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, (field, label) in zip(axes, (("train_seconds_per_user", "training seconds per user"),

@@ -116,6 +116,9 @@ def _sampler(tc: TuneConfig, space: dict, trials_before: int = 0):
 
 
 def tune(tc: TuneConfig) -> dict:
+    from .extras import require
+
+    require("tune", "perfit tune")
     import optuna
 
     from . import pipeline
@@ -220,10 +223,11 @@ def write_results(tc: TuneConfig, study, space: dict, reference: dict | None = N
 
 
 def _plot(trials, space: dict, path: str, title: str, ref_line: tuple[str, float] | None = None) -> None:
-    import matplotlib
+    from .extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     names = list(space)
     cols = min(3, len(names))
