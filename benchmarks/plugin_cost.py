@@ -22,7 +22,9 @@ import torch
 
 from perfit.shifts import Shifter
 from perfit.store import UserStore
-from perfit.vllm_plugin.bank import RunInfo, ShiftBank, StepPlan, layer_hook, plan_tokens
+from perfit.method.bank import ShiftBank
+from perfit.shifts import shift_hook
+from perfit.vllm_plugin.admission import RunInfo, acquire, plan_tokens, step_state
 
 
 def timed(fn, device, reps: int) -> float:
@@ -71,9 +73,9 @@ def main():
         store.put_many({f"u{k:04d}": sh.user_state(k) for k in range(args.users)})
         first, last = parse_positions(args.positions)
         info = RunInfo(tmp, first, last, store)
-        bank = ShiftBank(sh.spawn(1), info, dev, capacity=args.users)
+        bank = ShiftBank(sh.spawn(1), dev, capacity=args.users, dtype=torch.float32)
         t0 = time.perf_counter()
-        slots = [bank.acquire(f"u{k:04d}") for k in range(args.users)]
+        slots = [acquire(bank, info, f"u{k:04d}", store.version(f"u{k:04d}")) for k in range(args.users)]
         load_ms = (time.perf_counter() - t0) / args.users * 1000
         R, L = args.requests, args.prompt_len
         ids = torch.randint(0, 32000, (R, L), device=dev)
@@ -84,13 +86,13 @@ def main():
 
         hidden = torch.randn(R * L, args.hidden, device=dev, dtype=dt)
         residual = torch.randn_like(hidden)
-        hooks = [layer_hook(bank, l, lambda: plan[0]) for l in layers]
+        hooks = [shift_hook(bank, l, lambda: plan[0]) for l in layers]
         plan = [None]
 
         @torch.no_grad()
         def plugin_step():
             index, slot_of = plan_tokens(info, [L] * R, [0] * R, [L] * R, slots[:R])
-            plan[0] = StepPlan(torch.tensor(index).to(dev, non_blocking=True), torch.tensor(slot_of).to(dev, non_blocking=True))
+            plan[0] = step_state(index, slot_of, dev)
             for h in hooks:
                 h(None, None, (hidden, residual))
 

@@ -11,7 +11,7 @@ import torch
 
 from perfit.model import PerFitModel
 from perfit.shifts import Shifter, shifted_positions
-from perfit.vllm_plugin import RunInfo, ShiftBank, plan_tokens
+from perfit.vllm_plugin import RunInfo, ShiftBank, acquire, bank_from_run, plan_tokens
 
 
 # ------------------------------------------------------------------ the plan, without vLLM
@@ -83,7 +83,7 @@ def test_a_requests_shift_version_is_fixed_at_admission(finished_run, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(res["run_dir"], run)
     info, pm = RunInfo.load(run), PerFitModel.from_run(run, device="cpu")
-    bank = ShiftBank(pm.collective, info, "cpu", capacity=4)
+    bank = ShiftBank(pm.collective, "cpu", capacity=4, dtype=torch.float32)
     a, b = info.store.users()[:2]
     h = torch.randn(5, pm.info.hidden_size, generator=torch.Generator().manual_seed(0))
     layer = bank.layers[0]
@@ -96,9 +96,9 @@ def test_a_requests_shift_version_is_fixed_at_admission(finished_run, tmp_path):
         return (sh.collective[str(layer)].delta(h.unsqueeze(1)) + sh.personal[str(layer)].delta(h.unsqueeze(1), which)).squeeze(1)
 
     def served(extra):  # the worker's side of a request admitted with `extra`
-        slot = bank.acquire(user_of(extra), shift_of(extra))
+        slot = acquire(bank, info, user_of(extra), shift_of(extra))
         try:
-            return bank.delta(layer, h, torch.full((len(h),), slot))
+            return bank.delta(layer, h.unsqueeze(1), torch.full((len(h),), slot)).squeeze(1)
         finally:
             bank.release(slot)
 
@@ -132,8 +132,9 @@ def test_bank_gives_each_token_its_users_shift(finished_run, tmp_path):
     _, res = finished_run
     pm = PerFitModel.from_run(res["run_dir"], device="cpu")
     users = pm.store.users()
-    bank = ShiftBank.from_run(res["run_dir"], "cpu", capacity=4)
-    slots = [bank.acquire(u, pm.store.version(u)) for u in users] + [bank.acquire("stranger", None)]
+    bank = bank_from_run(res["run_dir"], "cpu", capacity=4)
+    info = RunInfo.load(res["run_dir"])
+    slots = [acquire(bank, info, u, pm.store.version(u)) for u in users] + [acquire(bank, info, "stranger", None)]
     assert slots[-1] == 0 and len(set(slots)) == len(slots)
     sh = pm.collective.spawn(len(users) + 1)
     for k, u in enumerate(users):
@@ -143,7 +144,7 @@ def test_bank_gives_each_token_its_users_shift(finished_run, tmp_path):
     which = torch.tensor(list(range(1, len(users) + 1)) + [0])
     for l in sh.layers:
         want = sh.collective[str(l)].delta(h) + sh.personal[str(l)].delta(h, which)
-        got = bank.delta(l, h.reshape(-1, h.shape[-1]), torch.tensor(slots).repeat_interleave(3)).reshape(h.shape)
+        got = bank.delta(l, h.reshape(-1, 1, h.shape[-1]), torch.tensor(slots).repeat_interleave(3)).reshape(h.shape)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -151,10 +152,10 @@ def test_bank_slots_follow_the_store(finished_run, tmp_path):
     _, res = finished_run
     run = str(tmp_path / "run")
     shutil.copytree(res["run_dir"], run)
-    bank = ShiftBank.from_run(run, "cpu", capacity=2)
-    store = bank.info.store
+    bank, info = bank_from_run(run, "cpu", capacity=2), RunInfo.load(run)
+    store = info.store
     a, b, c = store.users()[:3]
-    acq = lambda u: bank.acquire(u, store.version(u))  # noqa: E731 - a request admitted now
+    acq = lambda u: acquire(bank, info, u, store.version(u))  # noqa: E731 - a request admitted now
     sa = acq(a)
     assert acq(a) == sa and bank.loads == 1  # cached
     sb = acq(b)

@@ -24,6 +24,7 @@ from torch import nn
 
 from .backbone import decoder_layers
 from .batching import TokenizedExample, make_batch, shared_prompt_prefix
+from .shifts import user_tensor_names
 from .prefix import cache_kwarg, can_splice, capture_layer_input, pad_left, splice_shared_prefix
 
 FORMAT = "perfit-shift-generator/1"
@@ -84,8 +85,11 @@ class ShiftGenerator(nn.Module):
 def personal_weights(p0: dict[str, torch.Tensor], delta: dict[int, tuple[torch.Tensor, torch.Tensor]]
                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (W0 + dW, b0 + db)} for a batch of users, from P0 as flat tensors (`Shifter.user_state(0)`)."""
-    return {l: (p0[f"layer.{l}.weight"].to(dw.dtype).unsqueeze(0) + dw, p0[f"layer.{l}.bias"].to(db.dtype).unsqueeze(0) + db)
-            for l, (dw, db) in delta.items()}
+    out = {}
+    for l, (dw, db) in delta.items():
+        key = user_tensor_names(l)
+        out[l] = (p0[key["weight"]].to(dw.dtype).unsqueeze(0) + dw, p0[key["bias"]].to(db.dtype).unsqueeze(0) + db)
+    return out
 
 
 def user_tensors(p0: dict[str, torch.Tensor], delta: dict[int, tuple[torch.Tensor, torch.Tensor]], k: int
@@ -93,9 +97,10 @@ def user_tensors(p0: dict[str, torch.Tensor], delta: dict[int, tuple[torch.Tenso
     """User k of a generated batch as the flat tensors the store keeps (the format of `Shifter.user_state`)."""
     out = {}
     for l, (w, b) in personal_weights(p0, delta).items():
-        out[f"layer.{l}.rotate_raw"] = p0[f"layer.{l}.rotate_raw"].detach().clone()
-        out[f"layer.{l}.weight"] = w[k].detach().to(p0[f"layer.{l}.weight"].dtype).clone()
-        out[f"layer.{l}.bias"] = b[k].detach().to(p0[f"layer.{l}.bias"].dtype).clone()
+        key = user_tensor_names(l)
+        out[key["rotate_raw"]] = p0[key["rotate_raw"]].detach().clone()
+        out[key["weight"]] = w[k].detach().to(p0[key["weight"]].dtype).clone()
+        out[key["bias"]] = b[k].detach().to(p0[key["bias"]].dtype).clone()
     return out
 
 

@@ -8,7 +8,7 @@ run. The one core that every command, the server and the benchmarks use, in the 
 
 It holds the run's state and decides what happens; each job lives with its subject: the run dir on disk in
 `rundir`, training in `train.stages`, what ranks exchange in `train.exchange`, the device cache of users' shifts in
-`user_cache`, decoding in `generate`.
+`method.bank`, decoding in `generate`.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from .generator import ShiftGenerator, item_features, user_tensors
 from .rundir import (CKPT, CONFIG_FILE, GENERATOR, PARTIAL, PROMPTS_FILE, config_diff, has_checkpoint, load_collective,
                      load_partial, load_run_config, read_generator, resolve_for_model, save_partial, store_path,
                      write_checkpoint, write_generator)
+from .method.bank import ShiftBank
 from .shifts import Shifter
 from .store import UserStore, history_digest
 from .store import remove_files as remove_store_files
@@ -39,7 +40,6 @@ from .tasks import get_task
 from .train import TrainStats
 from .train import stages
 from .train.exchange import pack, unpack
-from .user_cache import UserShiftCache
 
 log = logging.getLogger("perfit")
 VARIANTS = ("zero_shot", "stage1", "perfit")
@@ -61,7 +61,8 @@ class PerFitModel:
         self.collective: Shifter | None = None  # collective modules + P0 (one personal module)
         self.stage1_meta: dict = {}
         self._store: UserStore | None = None
-        self.cache = UserShiftCache(max_cached_users)
+        self.max_cached_users = max_cached_users
+        self.bank: ShiftBank | None = None  # the collective shift, P0 and users' shifts as factors on the device
         self.generator: ShiftGenerator | None = None  # the instant path (None: the run has none)
         self.generator_meta: dict = {}
 
@@ -99,7 +100,7 @@ class PerFitModel:
         self.collective = sh.to(self.device)
         self.stage1_meta = meta
         self._store = None
-        self.cache.clear()
+        self.bank = ShiftBank(self.collective, self.device, self.max_cached_users)
 
     def _require_collective(self) -> Shifter:
         if self.collective is None:
@@ -252,8 +253,7 @@ class PerFitModel:
                     "mode": "instant", "epoch_losses": [], "final_loss": None, "train_seconds": round(seconds, 4),
                     "trained_at": now, "rank": dist.rank()} for u in tensors_of}
         stored = self.store.put_many(tensors_of, info, jobs, keep_jobs)
-        for u in tensors_of:
-            self.cache.drop(u)
+        self._drop_cached(tensors_of)
         return {u: info[u] for u in stored}
 
     def measure_cost(self, examples: list[Example], inputs: list[str]):
@@ -306,7 +306,7 @@ class PerFitModel:
     @property
     def cached_users(self) -> int:
         """Users whose shifts are held on the device."""
-        return len(self.cache)
+        return len(self.bank) if self.bank is not None else 0
 
     def personal_examples(self, user_id: str, items: list[dict]) -> list[Example]:
         """What a user's personal shift trains on: its latest max_history history items as prompts."""
@@ -374,8 +374,7 @@ class PerFitModel:
                 tensors_of, info = got
                 stored = self.store.put_many(tensors_of, info, jobs)
                 fault_point("stage2.group_stored")
-                for u in info:
-                    self.cache.drop(u)
+                self._drop_cached(info)
                 reports.update({u: info[u] for u in stored})
         return reports
 
@@ -396,15 +395,45 @@ class PerFitModel:
     def forget(self, user_id: str) -> bool:
         """Remove everything stored about a user (its shift, its record, its queued history); its next query gets the
         stage-1 shifts. Returns whether anything was stored."""
-        self.cache.drop(user_id)
+        self._drop_cached([user_id])
         return self.store.delete(user_id)
+
+    def _drop_cached(self, users) -> None:
+        if self.bank is not None:
+            for u in users:
+                self.bank.drop(u)
 
     # ------------------------------------------------------------------ generation
 
-    def resolve_users(self, user_ids: list[str]) -> dict[str, tuple[str, dict[str, torch.Tensor]] | None]:
-        """Each user's shift as stored now: (version, tensors on the device), or None (the stage-1 shifts); one read
-        of the store, carried through the caller's whole batch (`UserShiftCache.resolve`)."""
-        return self.cache.resolve(self.store, user_ids, self.device)
+    def resolve_users(self, user_ids: list[str]) -> dict[str, tuple[str, dict[str, torch.Tensor] | None] | None]:
+        """Each user's shift as stored now: (version, its tensors, or None when the bank already holds that version),
+        or None (the stage-1 shifts); one read of the versions, carried through the caller's whole batch."""
+        bank = self._require_bank()
+        versions = self.store.versions(user_ids)
+        out: dict[str, tuple[str, dict[str, torch.Tensor] | None] | None] = {}
+        for u in dict.fromkeys(user_ids):
+            v = versions.get(u)
+            if v is None or bank.holds(u, v):
+                out[u] = None if v is None else (v, None)
+                continue
+            t = self.store.get_version(u, v)
+            if t is None:  # replaced or erased since the versions were read: what is stored now, in one read
+                got = self.store.get_versioned(u)
+                out[u] = None if got is None else (got[1], got[0])
+            else:
+                out[u] = (v, t)
+        return out
+
+    def _acquire(self, bank: ShiftBank, user: str, shift: tuple[str, dict[str, torch.Tensor] | None] | None) -> int:
+        if shift is None:
+            return 0
+        version, tensors = shift
+        # a version held at resolve time may have been evicted by an earlier group since: read it again then
+        return bank.acquire(user, version, lambda: tensors if tensors is not None else self.store.get_version(user, version))
+
+    def _require_bank(self) -> ShiftBank:
+        self._require_collective()
+        return self.bank
 
     def prompt_ids(self, inputs: list[str], raw: bool = False, max_new_tokens: int | None = None) -> list[list[int]]:
         """Token ids of the prompts: a task query gets the answer cue exactly as `perfit predict` applies it (a raw
@@ -448,10 +477,10 @@ class PerFitModel:
         none = dict.fromkeys(user_ids)
         if variant == "zero_shot":
             return greedy_generate(self.model, self.tok, prompts, on_token=on_token, **kw), none
-        sh1 = self._require_collective()
+        bank = self._require_bank()
         if variant == "stage1":
-            with sh1.attached(self.model):
-                return greedy_generate(self.model, self.tok, prompts, [0] * len(prompts), sh1, first=self.first,
+            with bank.attached(self.model):
+                return greedy_generate(self.model, self.tok, prompts, [0] * len(prompts), bank, first=self.first,
                                        last=self.last, on_token=on_token, **kw), none
         out = GenerationOutput([""] * len(prompts), [[] for _ in prompts], [], ["length"] * len(prompts))
         users = list(dict.fromkeys(user_ids))
@@ -460,17 +489,17 @@ class PerFitModel:
         per_row = {k: v for k, v in kw.items() if isinstance(v, list)}
         for g in range(0, len(users), self.cfg.user_group_size):
             group = users[g: g + self.cfg.user_group_size]
-            known = [u for u in group if shifts[u] is not None]
-            module_of = {u: 0 for u in group} | {u: k + 1 for k, u in enumerate(known)}  # module 0: P0
-            sh = sh1.spawn(len(known) + 1)
-            for u in known:
-                sh.load_user_state(module_of[u], shifts[u][1])
-            rows = [i for i, u in enumerate(user_ids) if u in module_of]
-            row_kw = kw | {k: [v[i] for i in rows] for k, v in per_row.items()}
-            with sh.attached(self.model):
-                got = greedy_generate(self.model, self.tok, [prompts[i] for i in rows], [module_of[user_ids[i]] for i in rows],
-                                      sh, first=self.first, last=self.last, **row_kw,
-                                      on_token=None if on_token is None else (lambda j, t, rows=rows: on_token(rows[j], t)))
+            slot_of = {u: self._acquire(bank, u, shifts[u]) for u in group}
+            try:
+                rows = [i for i, u in enumerate(user_ids) if u in slot_of]
+                row_kw = kw | {k: [v[i] for i in rows] for k, v in per_row.items()}
+                with bank.attached(self.model):
+                    got = greedy_generate(self.model, self.tok, [prompts[i] for i in rows], [slot_of[user_ids[i]] for i in rows],
+                                          bank, first=self.first, last=self.last, **row_kw,
+                                          on_token=None if on_token is None else (lambda j, t, rows=rows: on_token(rows[j], t)))
+            finally:
+                for slot in slot_of.values():
+                    bank.release(slot)
             for j, i in enumerate(rows):
                 out.texts[i], out.tokens[i], out.finish[i] = got.texts[j], got.tokens[j], got.finish[j]
         if unknown:

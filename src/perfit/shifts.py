@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbone import decoder_layers
+from .backbone import check_layers, decoder_layers
 from .config import parse_positions
 
-__all__ = ["parse_positions", "group_sizes", "shifted_positions", "position_index", "LowRankShift", "apply_shift", "ShiftState", "Shifter", "SHIFT_INITS"]
+__all__ = ["parse_positions", "group_sizes", "shifted_positions", "position_index", "LowRankShift", "apply_shift", "ShiftState", "ShiftSource", "user_tensor_names", "Shifter", "shift_hook", "SHIFT_INITS"]
 
 
 def group_sizes(n: int, first: int, last: int) -> tuple[int, int]:
@@ -131,6 +131,15 @@ class LowRankShift(nn.Module):
         self.bias[i].copy_(state["bias"])
 
 
+USER_TENSORS = ("rotate_raw", "weight", "bias")
+
+
+def user_tensor_names(layer: int) -> dict[str, str]:
+    """The key of each of a personal module's tensors at `layer` in a user's flat tensors (the store, the saved
+    `users.safetensors`, the bank): the one place the format is written."""
+    return {n: f"layer.{layer}.{n}" for n in USER_TENSORS}
+
+
 def apply_shift(h: torch.Tensor, R: torch.Tensor, WmR: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """R^T (W h + b - R h) for each row: h [B, P, d] with its row's factors R, W - R: [B, r, d] and b: [B, r]
     (the one place the shift's formula is computed)."""
@@ -140,15 +149,89 @@ def apply_shift(h: torch.Tensor, R: torch.Tensor, WmR: torch.Tensor, b: torch.Te
 
 @dataclass
 class ShiftState:
-    """What the hooks need for one forward pass."""
-    index: torch.Tensor  # [B, P] positions to shift
-    valid: torch.Tensor  # [B, P]
-    users: torch.Tensor | None  # [B] row -> personal module; None: no personal shift
-    seq_len: int  # the length of the pass that is shifted; passes of another length (decoding steps) are left alone
+    """Which tokens one forward pass shifts, in groups that each take one personal module (or bank slot).
+
+    A Hugging Face layer's output is [B, L, d]: group g is batch row g and `index` holds column positions in it; the
+    pass is shifted only when its length is `seq_len` (the prefill; decoding steps are left alone). vLLM's layers see
+    one flattened batch [T, d]: `index` then holds token indices into it (a group is a request) and `seq_len` is None."""
+    index: torch.Tensor  # [G, P] positions to shift (padded: see `valid`)
+    valid: torch.Tensor  # [G, P]
+    users: torch.Tensor | None  # [G] group -> personal module / bank slot; None: no personal shift
+    seq_len: int | None  # the length of the pass that is shifted (3-D outputs only)
     use_collective: bool = True
 
 
-class Shifter(nn.Module):
+def shift_hook(source, layer: int, current=None):
+    """The one forward hook that adds shifts to a decoder layer's output: training (`Shifter`, differentiable),
+    generation and the vLLM plugin (`ShiftBank`, precomputed factors) all apply their shifts through it.
+    `source.delta(layer, h [G, P, d], users [G] | None, use_collective)` gives the shifts; `current()` the pass's
+    ShiftState (default: `source.state`). vLLM's decoder layers return (hidden, residual) with the next layer
+    normalising their sum, so there the layer's output in Hugging Face's sense is that sum: the shift is computed
+    from it and added to the residual."""
+    get = current or (lambda: source.state)
+
+    def hook(module, args, output):
+        st = get()
+        if st is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.dim() == 3:
+            if hidden.shape[1] != st.seq_len:
+                return None
+            B, L, d = hidden.shape
+            index = st.index + torch.arange(B, device=st.index.device).unsqueeze(1) * L
+            flat = hidden.reshape(B * L, d)
+            target, hs = flat, flat[index]
+        else:
+            index, d = st.index, hidden.shape[-1]
+            flat = hidden
+            residual = output[1] if isinstance(output, tuple) and len(output) == 2 else None
+            target = flat if residual is None else residual
+            hs = flat[index] if residual is None else flat[index].float() + residual[index].float()
+        delta = source.delta(layer, hs, st.users, st.use_collective)
+        if delta is None:
+            return None
+        delta = (delta * st.valid.unsqueeze(-1)).reshape(-1, d).to(target.dtype)
+        added = target.index_add(0, index.reshape(-1), delta)
+        if hidden.dim() == 3:
+            added = added.view(hidden.shape)
+        elif target is not flat:  # vLLM: the shift goes to the residual
+            return hidden, added
+        return (added,) + tuple(output[1:]) if isinstance(output, tuple) else added
+    return hook
+
+
+class ShiftSource:
+    """What hooks shifts onto a model: `layers`, a `state` for the current pass and `delta` (see `shift_hook`)."""
+    layers: list[int]
+    state: ShiftState | None
+
+    def delta(self, layer: int, h: torch.Tensor, users: torch.Tensor | None, use_collective: bool = True):
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def attached(self, model):
+        """Hook the shifts onto `model`'s decoder layers for the duration of the block; the hooks never outlive it,
+        whatever is raised inside."""
+        check_layers(model, self.layers)
+        blocks = decoder_layers(model)
+        handles = [blocks[l].register_forward_hook(shift_hook(self, l)) for l in self.layers]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def active(self, state: ShiftState | None):
+        prev, self.state = self.state, state
+        try:
+            yield
+        finally:
+            self.state = prev
+
+
+class Shifter(nn.Module, ShiftSource):
     """Collective (1 module per layer) + personal (K modules per layer) shifts, hooked on decoder layers."""
 
     def __init__(self, hidden: int, layers: list[int], rank: int, user_rank: int, num_users: int = 1, seed: int = 0,
@@ -189,51 +272,22 @@ class Shifter(nn.Module):
                 self.personal[str(l)].load_slice(k, state)
 
     def user_state(self, k: int) -> dict[str, torch.Tensor]:
-        """Personal module k as flat tensors `layer.<l>.<name>` (what the user store keeps)."""
-        return {f"layer.{l}.{n}": t for l in self.layers for n, t in self.personal[str(l)].slice_state(k).items()}
+        """Personal module k as flat tensors (`user_tensor_names`: what the user store keeps)."""
+        return {key: self.personal[str(l)].slice_state(k)[n] for l in self.layers for n, key in user_tensor_names(l).items()}
 
     def load_user_state(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
         for l in self.layers:
-            self.personal[str(l)].load_slice(k, {n: tensors[f"layer.{l}.{n}"] for n in ("rotate_raw", "weight", "bias")})
+            self.personal[str(l)].load_slice(k, {n: tensors[key] for n, key in user_tensor_names(l).items()})
 
-    def _hook(self, layer: int):
-        def hook(module, args, output):
-            st = self.state
-            if st is None:
-                return None
-            h = output[0] if isinstance(output, tuple) else output
-            if h.shape[1] != st.seq_len:
-                return None
-            d = h.shape[-1]
-            gather = st.index.unsqueeze(-1).expand(-1, -1, d)
-            hs = h.gather(1, gather)
-            delta = None
-            if st.use_collective and str(layer) in self.collective:
-                delta = self.collective[str(layer)].delta(hs)
-            if st.users is not None:
-                pd = self.personal[str(layer)].delta(hs, st.users)
-                delta = pd if delta is None else delta + pd
-            if delta is None:
-                return None
-            delta = delta * st.valid.unsqueeze(-1)
-            h = h.scatter_add(1, gather, delta.to(h.dtype))
-            return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
-        return hook
-
-    @contextlib.contextmanager
-    def attached(self, model):
-        """Hook the shifts onto `model`'s decoder layers for the duration of the block; the hooks never outlive it,
-        whatever is raised inside."""
-        blocks = decoder_layers(model)
-        bad = [l for l in self.layers if not 0 <= l < len(blocks)]
-        if bad:
-            raise ValueError(f"intervene_layer {bad} out of range: the model has {len(blocks)} decoder layers")
-        handles = [blocks[l].register_forward_hook(self._hook(l)) for l in self.layers]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
+    def delta(self, layer: int, h: torch.Tensor, users: torch.Tensor | None, use_collective: bool = True):
+        """The shifts of h [G, P, d] at `layer`: the collective one (when used) plus each group's personal module."""
+        out = None
+        if use_collective and str(layer) in self.collective:
+            out = self.collective[str(layer)].delta(h)
+        if users is not None:
+            pd = self.personal[str(layer)].delta(h, users)
+            out = pd if out is None else out + pd
+        return out
 
     @contextlib.contextmanager
     def personal_given(self, given: dict[int, tuple[torch.Tensor, torch.Tensor]]):
@@ -247,14 +301,6 @@ class Shifter(nn.Module):
         finally:
             for m in mods:
                 m.given = None
-
-    @contextlib.contextmanager
-    def active(self, state: ShiftState | None):
-        prev, self.state = self.state, state
-        try:
-            yield
-        finally:
-            self.state = prev
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ import re
 import sys
 
 from ..errors import ConfigError
-from .bank import SHIFT_KEY, USER_KEY, RunInfo, ShiftBank, plan_tokens, shift_of, user_of
+from ..method.bank import ShiftBank
+from .admission import SHIFT_KEY, USER_KEY, RunInfo, acquire, bank_from_run, plan_tokens, shift_of, user_of
 
 ENV_RUN_DIR = "PERFIT_VLLM_RUN_DIR"
 ENV_MAX_USERS = "PERFIT_VLLM_MAX_USERS"  # device slots for users' shifts (perfit serve: --max_cached_users)
@@ -27,7 +28,7 @@ ENV_MAX_USERS = "PERFIT_VLLM_MAX_USERS"  # device slots for users' shifts (perfi
 VLLM_MINOR = (0, 32)
 VLLM_RANGE = f">={VLLM_MINOR[0]}.{VLLM_MINOR[1]},<{VLLM_MINOR[0]}.{VLLM_MINOR[1] + 1}"
 
-__all__ = ["ENV_MAX_USERS", "ENV_RUN_DIR", "SHIFT_KEY", "USER_KEY", "VLLM_RANGE", "RunInfo", "ShiftBank",
+__all__ = ["ENV_MAX_USERS", "ENV_RUN_DIR", "SHIFT_KEY", "USER_KEY", "VLLM_RANGE", "RunInfo", "ShiftBank", "acquire", "bank_from_run",
            "check_vllm_version", "plan_tokens", "register", "shift_of", "user_of", "vllm_version"]
 
 

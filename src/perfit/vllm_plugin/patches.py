@@ -23,11 +23,12 @@ import functools
 import logging
 import os
 
-import torch
 
-from ..backbone import decoder_layers
+from ..backbone import check_layers, decoder_layers
 from . import ENV_MAX_USERS
-from .bank import SHIFT_KEY, RunInfo, ShiftBank, StepPlan, layer_hook, plan_tokens, shift_of, user_of
+from ..method.bank import ShiftBank
+from ..shifts import ShiftState, shift_hook
+from .admission import SHIFT_KEY, RunInfo, acquire, bank_from_run, plan_tokens, shift_of, step_state, user_of
 
 log = logging.getLogger("perfit.vllm")
 
@@ -115,9 +116,9 @@ def patch_block_hashes(info: RunInfo) -> None:
 # ---------------------------------------------------------------- worker
 
 class WorkerState:
-    def __init__(self, bank: ShiftBank):
-        self.bank = bank
-        self.plan: StepPlan | None = None
+    def __init__(self, bank: ShiftBank, info: RunInfo):
+        self.bank, self.info = bank, info
+        self.plan: ShiftState | None = None
         self.slot_of_req: dict[str, int] = {}
         self.prefill_done: list[str] = []  # requests whose prompt ends this step: their slot is released after it
 
@@ -146,15 +147,13 @@ def patch_worker(run_dir: str) -> None:
                 raise RuntimeError("PerFit vLLM plugin: start vLLM with enforce_eager=True (--enforce-eager); its "
                                    "per-request shifts are Python hooks that torch.compile and CUDA graphs would freeze")
             capacity = max(int(os.environ.get(ENV_MAX_USERS, "1024")), self.scheduler_config.max_num_seqs + 1)
-            bank = ShiftBank.from_run(run_dir, self.device, capacity)
+            bank = bank_from_run(run_dir, self.device, capacity)
+            check_layers(self.get_model(), bank.layers)
             layers = decoder_layers(self.get_model())
-            bad = [l for l in bank.layers if not 0 <= l < len(layers)]
-            if bad:
-                raise RuntimeError(f"PerFit vLLM plugin: the run {run_dir} shifts layers {bad}, the model has {len(layers)}")
-            st = WorkerState(bank)
+            st = WorkerState(bank, RunInfo.load(run_dir))
             self._perfit = st
             for l in bank.layers:
-                layers[l].register_forward_hook(layer_hook(bank, l, lambda: st.plan))
+                layers[l].register_forward_hook(shift_hook(bank, l, lambda: st.plan))
             log.info("PerFit: shifts of %s on layers %s, %d user slots on %s", run_dir, bank.layers, capacity, self.device)
             return out
         return load_model
@@ -197,7 +196,7 @@ def patch_worker(run_dir: str) -> None:
     _wrap(GPUModelRunner, "execute_model", make_execute)
 
 
-def _plan(runner, st: WorkerState, num_scheduled_tokens) -> StepPlan | None:
+def _plan(runner, st: WorkerState, num_scheduled_tokens) -> ShiftState | None:
     ib = runner.input_batch
     n = ib.num_reqs
     prompt_lens, computed = ib.num_prompt_tokens[:n], ib.num_computed_tokens_cpu[:n]
@@ -211,13 +210,11 @@ def _plan(runner, st: WorkerState, num_scheduled_tokens) -> StepPlan | None:
         if req_id not in st.slot_of_req:
             sp = runner.requests[req_id].sampling_params
             extra = sp.extra_args if sp is not None else None
-            st.slot_of_req[req_id] = st.bank.acquire(user_of(extra), shift_of(extra))
+            st.slot_of_req[req_id] = acquire(st.bank, st.info, user_of(extra), shift_of(extra))
         slots.append(st.slot_of_req[req_id])
         if computed[i] + num_scheduled_tokens[i] >= prompt_lens[i]:
             st.prefill_done.append(req_id)
-    index, slot_of = plan_tokens(st.bank.info, prompt_lens, computed, num_scheduled_tokens[:n], slots)
+    index, slot_of = plan_tokens(st.info, prompt_lens, computed, num_scheduled_tokens[:n], slots)
     if not index:
         return None
-    dev = st.bank.device
-    return StepPlan(torch.tensor(index, dtype=torch.long).to(dev, non_blocking=True),
-                    torch.tensor(slot_of, dtype=torch.long).to(dev, non_blocking=True))
+    return step_state(index, slot_of, st.bank.device)
