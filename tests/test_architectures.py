@@ -242,3 +242,51 @@ def test_the_gemma3_gguf_converts_and_is_called_by_its_name():
     model, tok, info = load_backbone(path, "float32", device="cpu")
     assert (info.name, info.num_layers, info.hidden_size) == ("gemma-3-270m", 18, 640)
     assert type(model).__name__.startswith("Gemma3") and len(decoder_layers(model)) == 18
+
+
+def test_hf_generate_with_saved_shifts_equals_perfits_decoder(family, tok, tmp_path):
+    """Shifts saved with save_pretrained and loaded with from_pretrained, applied to the model's own `generate`
+    (left-padded batch, one user per row, one row with no user: the collective shift + P0): the model's own forward
+    gives each row's logits of a full forward with the shifts on its prompt positions (the training path) in float64;
+    `generate`'s logits at every step equal the same to float32 rounding (it keeps its logits in float32), and its tokens
+    equal PerFit's own decoder's."""
+    from perfit.method import PerFitConfig, PerFitShifts
+
+    arch, model = family
+    sh = _shifter(users=3, seed=1)
+    users = {"ann": sh.user_state(1), "bob": sh.user_state(2)}
+    cfg = PerFitConfig(64, LAYERS, 4, 2, "f3+l2", task_name="movie_tagging", base_model=arch)
+    PerFitShifts(cfg, sh.spawn(1), users).save_pretrained(str(tmp_path / "saved"))
+    shifts = PerFitShifts.from_pretrained(str(tmp_path / "saved"))
+    assert shifts.config == cfg and sorted(shifts.users) == ["ann", "bob"]
+
+    head = "Which tag fits this movie among the tags? description: "
+    prompts = [tok(head + d)["input_ids"] for d in ("a quiet drama", "space war in the far future", "x")]
+    rows, module = ["bob", "ann", None], [2, 1, 0]
+    L, pad = max(map(len, prompts)), tok.pad_token_id
+    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None  # a fixed number of steps, as stop_early=False below
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    try:
+        with shifts.applied(model, rows):
+            prefill = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=pad)
+    finally:
+        model.generation_config.eos_token_id = eos
+    new = out.sequences[:, L:]
+    with sh.attached(model):
+        mine = greedy_generate(model, tok, prompts, module, sh, first=3, last=2, max_new_tokens=4, stop_early=False,
+                               details=True, task=False)
+        for i, p in enumerate(prompts):
+            assert new[i].tolist() == mine.tokens[i], f"{arch}: row {i}"
+            for t in range(4):
+                full = torch.tensor([p + new[i, :t].tolist()])
+                idx, valid = position_index([len(p)], [0], 3, 2)
+                with sh.active(ShiftState(idx, valid, torch.tensor([module[i]]), full.shape[1])):
+                    want = model(input_ids=full).logits[0, -1]
+                if t == 0:
+                    torch.testing.assert_close(prefill[i], want, **EXACT, msg=f"{arch}: row {i} forward")
+                torch.testing.assert_close(out.logits[t][i], want.float(), rtol=1e-6, atol=1e-6, msg=f"{arch}: row {i} step {t}")

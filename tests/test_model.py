@@ -10,6 +10,7 @@ import torch
 from perfit import PerFitModel, pipeline
 from perfit.cli import main
 from perfit.data import DataError
+from perfit.errors import RunStateError
 from perfit.store import UserStore
 
 from conftest import run_cfg
@@ -135,3 +136,53 @@ def test_readme_python_api_example_runs_as_written(tiny_model_dir, data, tmp_pat
     assert ns["out"].without_personal_shift == ["someone-new"] and len(ns["out"]) == 2
     assert not pm.has_user("someone-new")  # the example forgets the user it personalized
     assert "no personal shift: ['someone-new']" in capsys.readouterr().out
+
+
+SAVED_CHILD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from perfit.method import PerFitShifts
+folder, model_path, rows, prompts, pad, eos = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:7])
+model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+shifts = PerFitShifts.from_pretrained(folder)
+L = max(map(len, prompts))
+ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])
+mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+with shifts.applied(model, rows):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+print(json.dumps([[t for t in seq] for seq in out[:, L:].tolist()]))
+"""
+
+
+def test_save_pretrained_loads_in_a_fresh_process_and_answers_as_the_run(moved_run, tmp_path):
+    """A run's collective shift and two users' shifts saved with save_pretrained, loaded with from_pretrained in a
+    fresh process that has only the base model and that folder, and applied to the model's own generate: the same
+    tokens as PerFitModel.complete (a user and a user with no saved shift, who gets the collective shift + P0)."""
+    import subprocess
+    import sys
+
+    from perfit.generate import Completion
+    from perfit.method import PerFitConfig, PerFitShifts
+
+    run, _ = moved_run
+    pm = PerFitModel.from_run(run)
+    a, b = pm.store.users()[:2]
+    assert pm.save_pretrained(str(tmp_path / "saved"), [a, b]) == [a, b]
+    got = PerFitShifts.from_pretrained(str(tmp_path / "saved"))
+    assert got.config == PerFitConfig.from_dict(json.load(open(tmp_path / "saved" / "perfit_config.json")))
+    assert got.config.layers == pm.cfg.layers and got.info[a]["history_digest"] == pm.store.entry(a)["history_digest"]
+    assert all(torch.equal(got.users[b][k], pm.store.get(b)[k]) for k in got.users[b])
+    with pytest.raises(RunStateError, match="nobody"):
+        pm.save_pretrained(str(tmp_path / "other"), ["nobody"])
+
+    rows = [a, b, None]
+    prompts = pm.prompt_ids(["a film about dragons", "space war in the far future", "a quiet drama"])
+    want = pm.complete([Completion(u or "stranger", p, 6) for u, p in zip(rows, prompts)])
+    args = [str(tmp_path / "saved"), pm.cfg.model_path] + [json.dumps(x) for x in (rows, prompts, pm.tok.pad_token_id, pm.tok.eos_token_id)]
+    child = subprocess.run([sys.executable, "-c", SAVED_CHILD, *args], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    hf = json.loads(child.stdout.strip().splitlines()[-1])
+    for w, h in zip(want, hf):
+        cut = h.index(pm.tok.eos_token_id) if pm.tok.eos_token_id in h else len(h)
+        assert h[:cut] == w.tokens
+    assert [w.personal_shift for w in want] == [True, True, False]

@@ -12,6 +12,7 @@ It holds the run's state and decides what happens; each job lives with its subje
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -33,6 +34,8 @@ from .rundir import (CKPT, CONFIG_FILE, GENERATOR, PARTIAL, PROMPTS_FILE, config
                      load_partial, load_run_config, read_generator, resolve_for_model, save_partial, store_path,
                      write_checkpoint, write_generator)
 from .method.bank import ShiftBank
+from .method.config import PerFitConfig
+from .method.io import PerFitShifts, on_prefill
 from .shifts import Shifter
 from .store import UserStore, history_digest
 from .store import remove_files as remove_store_files
@@ -391,6 +394,42 @@ class PerFitModel:
             reports |= self.store_generated(tensors_of, exs, (time.perf_counter() - t0) / len(group), jobs, keep_jobs,
                                             {u: len(histories[u]) for u in group})
         return reports
+
+    # ------------------------------------------------------------------ the method's own format
+
+    def perfit_config(self) -> PerFitConfig:
+        return PerFitConfig.from_run(self.cfg, self.info.hidden_size)
+
+    def save_pretrained(self, folder: str, users: list[str] | None = None) -> list[str]:
+        """The collective shift, P0 and these users' stored shifts (None: every stored user) in a folder of their own
+        (`perfit.method.io`: perfit_config.json + safetensors), loadable with `PerFitShifts.from_pretrained` in any
+        process that has the base model. Returns the users saved; one not stored is an error."""
+        collective = self._require_collective()
+        ids = self.store.users() if users is None else list(users)
+        missing = [u for u in ids if u not in self.store]
+        if missing:
+            raise RunStateError(f"{self.run_dir}: user(s) {missing[:5]} have no stored shift to save")
+        shifts = PerFitShifts(self.perfit_config(), collective, {u: self.store.get(u) for u in ids},
+                              {u: self.store.entry(u) for u in ids})
+        shifts.save_pretrained(folder)
+        return ids
+
+    @contextlib.contextmanager
+    def shifted(self, user_ids: list[str | None]):
+        """Within the block, the backbone's own forward and `generate` (`pm.model`) run with row i's shifts: the
+        collective shift plus user_ids[i]'s stored shift (None or a user without one: P0), on the prompt positions of
+        the prefill only, as `generate` does. Prompts left-padded (`pm.tok.padding_side = "left"`); the store is read
+        once for the block."""
+        bank = self._require_bank()
+        shifts = self.resolve_users([u for u in user_ids if u is not None])
+        slots = {u: self._acquire(bank, u, shifts[u]) for u in shifts}
+        try:
+            with on_prefill(self.model, bank, torch.tensor([slots.get(u, 0) for u in user_ids], device=self.device),
+                            self.first, self.last):
+                yield self.model
+        finally:
+            for slot in slots.values():
+                bank.release(slot)
 
     def forget(self, user_id: str) -> bool:
         """Remove everything stored about a user (its shift, its record, its queued history); its next query gets the

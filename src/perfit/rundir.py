@@ -4,8 +4,9 @@ the state of an unfinished stage 1, and the user store's place. No model here: t
 
     <run dir>/config.json              the RunConfig (depth-relative layers made absolute)
     <run dir>/prompts.json             the templates used
-    <run dir>/task_reft/ckpt/          shifts.safetensors (the collective shift and P0, their config in its metadata)
-                                       and config.json, a readable copy
+    <run dir>/task_reft/ckpt/          a `save_pretrained` folder (perfit.method.io): collective.safetensors (the
+                                       collective shift and P0; the PerFitConfig and the stage-1 record in its
+                                       metadata), perfit_config.json, and stage1.json (a readable copy of the record)
     <run dir>/task_reft/stage1_state.safetensors   only while stage 1 is unfinished
     <run dir>/task_reft/generator.safetensors      the shift generator, its config and report in its metadata
     <run dir>/users.sqlite             one personal shift per user (perfit.store)
@@ -21,6 +22,9 @@ from .config import CompareConfig, RunConfig, from_dict, is_relative, resolve_la
 from .data import write_json_atomic
 from .errors import RunStateError
 from .faults import fault_point
+from .method import io as method_io
+from .method.config import PerFitConfig
+from .method.io import COLLECTIVE_NAME
 from .shifts import Shifter
 from .store import UserStore, legacy_store_message, save_safetensors_atomic
 
@@ -28,7 +32,7 @@ log = logging.getLogger("perfit")
 CONFIG_FILE = "config.json"
 PROMPTS_FILE = "prompts.json"
 CKPT = os.path.join("task_reft", "ckpt")
-CKPT_TENSORS, CKPT_CONFIG = "shifts.safetensors", "config.json"
+CKPT_TENSORS, CKPT_RECORD = COLLECTIVE_NAME, "stage1.json"
 PARTIAL = os.path.join("task_reft", "stage1_state.safetensors")  # stage 1 in progress
 GENERATOR = os.path.join("task_reft", "generator.safetensors")  # the shift generator (instant personalization)
 USERS = "users.sqlite"
@@ -75,40 +79,34 @@ def artifact_key(path: str, field: str) -> str | None:
 
 
 def load_collective(ckpt_dir: str) -> tuple[Shifter, dict]:
-    """A stage-1 checkpoint on its own: the collective shift and P0. The tensors file carries its config in its own
-    metadata, so the one file that is replaced atomically says everything (config.json beside it is a readable copy;
-    checkpoints written before carry it only there)."""
-    from safetensors import safe_open
-
-    path = os.path.join(ckpt_dir, CKPT_TENSORS)
-    if not os.path.isfile(path):
+    """A stage-1 checkpoint on its own: the collective shift and P0 with the record of the stage 1 that made them (its
+    `meta`), from the one file that is replaced atomically."""
+    if not has_checkpoint(ckpt_dir):
         raise RunStateError(f"{ckpt_dir}: no stage-1 checkpoint; run `perfit stage1` (or `perfit run`) first")
-    with safe_open(path, "pt") as f:
-        own = (f.metadata() or {}).get("meta")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if own is None:
-        with open(os.path.join(ckpt_dir, CKPT_CONFIG), encoding="utf-8") as f:
-            own = f.read()
-    return load_collective_from(json.loads(own), tensors)
+    try:
+        sh, pc, extra = method_io.load_collective(ckpt_dir)
+        meta = json.loads(extra["meta"])
+    except (ValueError, KeyError) as e:
+        raise RunStateError(f"{ckpt_dir}: not a stage-1 checkpoint ({type(e).__name__}: {e})") from None
+    return sh, meta
 
 
 def load_collective_from(meta: dict, tensors: dict) -> tuple[Shifter, dict]:
-    """The stage-1 shifter from its checkpoint's config and tensors."""
-    sc = meta["shift"]
-    sh = Shifter(sc["hidden_size"], sc["layers"], sc["low_rank_dimension"], sc["user_low_rank_dimension"], 1, init=None)
+    """The stage-1 shifter from its record and tensors (what torchrun ranks exchange)."""
+    pc = PerFitConfig.from_dict(meta["perfit_config"])
+    sh = Shifter(pc.hidden_size, pc.layers, pc.rank, pc.user_rank, 1, init=None)
     sh.load_state_dict(tensors)
     return sh, meta
 
 
 def write_checkpoint(run_dir: str, sh: Shifter, meta: dict) -> None:
-    """One file replaced in one rename (tensors with their config in its metadata): at every moment the checkpoint
-    is the old one or the new one, never none and never a mix."""
+    """One file replaced in one rename (tensors with their config and record in its metadata): at every moment the
+    checkpoint is the old one or the new one, never none and never a mix."""
     ckpt = os.path.join(run_dir, CKPT)
-    os.makedirs(ckpt, exist_ok=True)
-    save_safetensors_atomic(os.path.join(ckpt, CKPT_TENSORS), sh.state_dict(),
-                            {"stage1_key": meta["stage1_key"], "meta": json.dumps(meta)})
+    pc = PerFitConfig.from_dict(meta["perfit_config"])
+    method_io.save_collective(ckpt, pc, sh, {"stage1_key": meta["stage1_key"], "meta": json.dumps(meta)})
     fault_point("stage1.ckpt_swap")
-    write_json_atomic(os.path.join(ckpt, CKPT_CONFIG), meta)
+    write_json_atomic(os.path.join(ckpt, CKPT_RECORD), meta)
 
 
 def load_partial(path: str, key: str):

@@ -12,6 +12,7 @@ import torch
 
 from .. import dist
 from ..batching import tokenize_examples
+from ..method.config import PerFitConfig
 from ..prompts import Example
 from ..shifts import Shifter
 from ..store import history_digest
@@ -107,7 +108,6 @@ def stage1_meta(cfg, run_fields: dict, key: str, fingerprints: dict, info, stats
     """What a stage-1 checkpoint says about itself (its config.json)."""
     c = cfg
     return {"stage1_key": key, "fingerprints": fingerprints, "run_config": run_fields,
-            "shift": {"hidden_size": info.hidden_size, "layers": c.layers, "low_rank_dimension": c.low_rank_dimension,
-                      "user_low_rank_dimension": c.user_low_rank_dimension, "positions": c.positions},
+            "perfit_config": PerFitConfig.from_run(c, info.hidden_size).to_dict(),
             "model": dataclasses.asdict(info), "learning": learning,
             "examples": examples, "train_seconds": stats.seconds, "stats": dataclasses.asdict(stats)}
