@@ -123,9 +123,9 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / f).st_mode) == 0o644
 
 
-def test_store_commands_and_converting_an_old_run(finished_run, tmp_path, capsys):
-    """A run whose store is in the earlier layout (a users/ folder) is refused with the one command that converts it;
-    after it, the run loads and answers as before."""
+def test_store_commands_and_moving_a_store_between_runs(finished_run, tmp_path, capsys):
+    """ls, show, verify; a store exported (users.safetensors, perfit.method.io's format) and imported into a run with
+    none answers as before; an import never goes over a store."""
     import shutil
 
     from perfit import PerFitModel
@@ -144,18 +144,18 @@ def test_store_commands_and_converting_an_old_run(finished_run, tmp_path, capsys
     assert shown["items"] == 4 and shown["tensors"]["layer.1.weight"] == [2, 64]
     assert main(["store", "verify", "--run_dir", run]) == 0
     before = PerFitModel.from_run(run).generate(["u0001"], ["a film about dragons"])
-    # make it an old run: the store exported to users/ (the earlier layout), the SQLite file gone
-    assert main(["store", "export", "--run_dir", run, "--to", os.path.join(run, "users")]) == 0
-    for suffix in ("", "-wal", "-shm"):
+    out = str(tmp_path / "exported")
+    assert main(["store", "export", "--run_dir", run, "--to", out]) == 0
+    assert sorted(os.listdir(out)) == ["users.safetensors"]
+    for suffix in ("", "-wal", "-shm"):  # the run without its store
         if os.path.exists(os.path.join(run, "users.sqlite" + suffix)):
             os.unlink(os.path.join(run, "users.sqlite" + suffix))
-    with pytest.raises(RunStateError, match=rf"convert it once with: perfit store import --run_dir {run} --from {run}/users"):
-        PerFitModel.from_run(run).generate(["u0001"], ["x"])
+    assert PerFitModel.from_run(run).generate(["u0001"], ["x"]).without_personal_shift == ["u0001"]
     capsys.readouterr()
-    assert main(["store", "import", "--run_dir", run, "--from", os.path.join(run, "users")]) == 0
+    assert main(["store", "import", "--run_dir", run, "--from", out]) == 0
     assert json.loads(capsys.readouterr().out)["imported"] == 3
     assert list(PerFitModel.from_run(run).generate(["u0001"], ["a film about dragons"])) == list(before)
-    assert main(["store", "import", "--run_dir", run, "--from", os.path.join(run, "users")]) == 2  # never over a store
+    assert main(["store", "import", "--run_dir", run, "--from", out]) == 2  # never over a store
     assert main(["store", "show", "--run_dir", run, "--user_id", "nobody"]) == 2
 
 
@@ -164,9 +164,8 @@ def test_a_failed_import_leaves_no_store(tmp_path):
     store = UserStore(str(tmp_path / "a.sqlite"), {"key": "k"})
     store.put_many(_tensors(sh, ["u1", "u2"]))
     store.export(str(tmp_path / "out"))
-    index = json.load(open(tmp_path / "out" / "index.json"))
-    (tmp_path / "out" / index["u2"]["file"]).write_bytes(b"not a safetensors file")
-    with pytest.raises(Exception):
+    (tmp_path / "out" / "users.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RunStateError, match="not a folder of users' shifts"):
         UserStore.import_folder(str(tmp_path / "out"), str(tmp_path / "b.sqlite"))
     assert not [f for f in os.listdir(tmp_path) if f.startswith("b.sqlite")]  # nothing half-built left behind
 
@@ -232,18 +231,3 @@ def test_failed_jobs_keep_their_error_not_their_items_and_are_bounded(tmp_path, 
         assert db.execute("SELECT COUNT(*) FROM jobs WHERE items IS NOT NULL").fetchone()[0] == 0
     assert store.delete("c") is False  # a failed job is not "something stored" about a user, and goes anyway
     assert store.job("c") is None
-
-
-def test_a_store_made_before_versions_opens_and_reads_its_hash_as_version(tmp_path):
-    path = str(tmp_path / "old.sqlite")
-    with sqlite3.connect(path) as db:  # the schema of stores written before versions, jobs and retired shifts
-        db.executescript("""CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-            CREATE TABLE users (user_id TEXT PRIMARY KEY, tensors BLOB NOT NULL, sha256 TEXT NOT NULL,
-                                info TEXT NOT NULL, stored_at REAL NOT NULL);""")
-        db.execute("INSERT INTO meta VALUES ('config', ?)", (json.dumps({"key": "k"}),))
-        blob = save({"w": torch.ones(3)})
-        db.execute("INSERT INTO users VALUES ('a', ?, 'abc123', '{}', 1.0)", (blob,))
-    store = UserStore(path)
-    assert store.version("a") == "abc123" and torch.equal(store.get_version("a", "abc123")["w"], torch.ones(3))
-    store.put_many({"a": {"w": torch.zeros(3)}})
-    assert store.version("a") != "abc123" and torch.equal(store.get_version("a", "abc123")["w"], torch.ones(3))

@@ -49,6 +49,39 @@ VARIANTS = ("zero_shot", "stage1", "perfit")
 __all__ = ["Completion", "CompletionResult", "Generations", "PerFitModel", "VARIANTS"]
 
 
+class NoStore:
+    """What a run without a user store reads as: no users, no versions (nothing is created by reading)."""
+    def __init__(self, path: str):
+        self.path = path
+
+    def __len__(self) -> int:
+        return 0
+
+    def __contains__(self, user_id) -> bool:
+        return False
+
+    def users(self) -> list[str]:
+        return []
+
+    def entries(self) -> dict:
+        return {}
+
+    def versions(self, user_ids) -> dict:
+        return {}
+
+    def version(self, user_id):
+        return None
+
+    def get_version(self, user_id, version):
+        return None
+
+    def get_versioned(self, user_id):
+        return None
+
+    def delete(self, user_id) -> bool:
+        return False
+
+
 class PerFitModel:
     def __init__(self, cfg: RunConfig, backbone: Backbone, run_dir: str, fingerprints: dict[str, str] | None = None,
                  prompts_file: str = "", max_cached_users: int = 1024):
@@ -255,7 +288,7 @@ class PerFitModel:
         info = {u: {"items": (items or {}).get(u, len(examples[u])), "examples": len(examples[u]), "history_digest": history_digest(examples[u]),
                     "mode": "instant", "epoch_losses": [], "final_loss": None, "train_seconds": round(seconds, 4),
                     "trained_at": now, "rank": dist.rank()} for u in tensors_of}
-        stored = self.store.put_many(tensors_of, info, jobs, keep_jobs)
+        stored = self._writable_store().put_many(tensors_of, info, jobs, keep_jobs)
         self._drop_cached(tensors_of)
         return {u: info[u] for u in stored}
 
@@ -298,10 +331,17 @@ class PerFitModel:
 
     @property
     def store(self) -> UserStore:
+        """The run's user store, opened on first use. A read never makes one: a run without a store reads as one with
+        no users (`open_store` makes it, as every write does)."""
         if self._store is None:
             path = store_path(self.run_dir)
-            self._store = UserStore(path) if os.path.isfile(path) else self.open_store()
+            if not os.path.isfile(path):
+                return NoStore(path)
+            self._store = UserStore(path)
         return self._store
+
+    def _writable_store(self) -> UserStore:
+        return self._store if self._store is not None else self.open_store()
 
     def has_user(self, user_id: str) -> bool:
         return user_id in self.store
@@ -375,7 +415,7 @@ class PerFitModel:
                 if got is None:
                     continue
                 tensors_of, info = got
-                stored = self.store.put_many(tensors_of, info, jobs)
+                stored = self._writable_store().put_many(tensors_of, info, jobs)
                 fault_point("stage2.group_stored")
                 self._drop_cached(info)
                 reports.update({u: info[u] for u in stored})

@@ -26,7 +26,7 @@ from .method import io as method_io
 from .method.config import PerFitConfig
 from .method.io import COLLECTIVE_NAME
 from .shifts import Shifter
-from .store import UserStore, legacy_store_message, save_safetensors_atomic
+from .store import UserStore, save_safetensors_atomic
 
 log = logging.getLogger("perfit")
 CONFIG_FILE = "config.json"
@@ -36,7 +36,6 @@ CKPT_TENSORS, CKPT_RECORD = COLLECTIVE_NAME, "stage1.json"
 PARTIAL = os.path.join("task_reft", "stage1_state.safetensors")  # stage 1 in progress
 GENERATOR = os.path.join("task_reft", "generator.safetensors")  # the shift generator (instant personalization)
 USERS = "users.sqlite"
-LEGACY_USERS = "users"
 
 
 def load_run_config(run_dir: str) -> RunConfig:
@@ -155,12 +154,8 @@ def config_diff(a: dict, b: dict) -> str:
 # ---------------------------------------------------------------- the user store
 
 def store_path(run_dir: str) -> str:
-    """Where a run's user store is; a store in the earlier layout (a users/ folder) is an error that gives the one
-    command converting it."""
-    path, legacy = os.path.join(run_dir, USERS), os.path.join(run_dir, LEGACY_USERS)
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(legacy, "index.json")):
-        raise RunStateError(legacy_store_message(legacy, run_dir))
-    return path
+    """Where a run's user store is."""
+    return os.path.join(run_dir, USERS)
 
 
 def run_store(run_dir: str) -> UserStore:

@@ -31,9 +31,9 @@ import time
 import uuid
 
 import torch
-from safetensors.torch import load, load_file, save
+from safetensors.torch import load, save
 
-from .data.schema import atomic_path, write_json_atomic
+from .data.schema import atomic_path
 from .errors import RunStateError
 from .faults import fault_point
 
@@ -41,7 +41,6 @@ BUSY_TIMEOUT_S = 60.0
 MMAP_BYTES = 1 << 36
 RETIRED_KEEP_S = 600.0  # how long a replaced shift stays loadable by its version (requests admitted before a retrain)
 FAILED_JOBS_KEPT = 10_000
-LEGACY_INDEX, LEGACY_CONFIG = "index.json", "store_config.json"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
@@ -50,7 +49,7 @@ CREATE TABLE IF NOT EXISTS users (
     sha256 TEXT NOT NULL,       -- of `tensors`
     info TEXT NOT NULL,         -- JSON: history_digest, items, examples, epoch_losses, final_loss, train_seconds, ...
     stored_at REAL NOT NULL,
-    version TEXT                -- this write's version id (NULL in stores made before versions: the sha256 then)
+    version TEXT NOT NULL       -- this write's version id (never reused)
 );
 CREATE TABLE IF NOT EXISTS retired (
     version TEXT PRIMARY KEY,
@@ -71,12 +70,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT
 );
 """
-VERSION = "COALESCE(version, sha256)"
-
-
-def user_file(user_id: str) -> str:
-    """The file name of a user in the exported (earlier) layout: a hash of the id, never the id."""
-    return "user-" + hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:24] + ".safetensors"
+VERSION = "version"
 
 
 def history_digest(examples) -> str:
@@ -95,11 +89,6 @@ def save_safetensors_atomic(path: str, tensors: dict[str, torch.Tensor], metadat
 
 def _blob(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-
-
-def legacy_store_message(folder: str, run_dir: str) -> str:
-    return (f"{folder}: a user store in the earlier layout (one file per user and an index); convert it once with: "
-            f"perfit store import --run_dir {run_dir} --from {folder}")
 
 
 def remove_files(path: str) -> None:
@@ -147,12 +136,6 @@ class UserStore:
             db.execute("PRAGMA synchronous = FULL")
             db.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")  # reads map the file instead of a system call a page
             db.executescript(_SCHEMA)
-            if "version" not in {r[1] for r in db.execute("PRAGMA table_info(users)")}:
-                try:  # a store made before versions
-                    db.execute("ALTER TABLE users ADD COLUMN version TEXT")
-                except sqlite3.OperationalError as e:  # another connection added it first
-                    if "duplicate column" not in str(e):
-                        raise
             self._local.db = db
         return db
 
@@ -364,37 +347,33 @@ class UserStore:
         return problems
 
     def export(self, folder: str) -> int:
-        """The users as one safetensors file each plus index.json and store_config.json (the earlier layout)."""
-        os.makedirs(folder, exist_ok=True)
-        index = {}
-        for uid, blob, info, t in self._db().execute("SELECT user_id, tensors, info, stored_at FROM users ORDER BY rowid"):
-            fn = user_file(uid)
-            with atomic_path(os.path.join(folder, fn), ".safetensors") as tmp:
-                with open(tmp, "wb") as f:
-                    f.write(blob)
-            index[uid] = {"file": fn, "stored_at": t, **json.loads(info)}
-        write_json_atomic(os.path.join(folder, LEGACY_CONFIG), self.config)
-        write_json_atomic(os.path.join(folder, LEGACY_INDEX), index)
-        return len(index)
+        """Every user's shift and record in one `users.safetensors` (perfit.method.io's format; the store's config in
+        its metadata), written atomically. Returns the users exported."""
+        from .method.io import save_users
+
+        tensors, info = {}, {}
+        for uid, blob, rec, t in self._db().execute("SELECT user_id, tensors, info, stored_at FROM users ORDER BY rowid"):
+            tensors[uid], info[uid] = load(blob), {"stored_at": t, **json.loads(rec)}
+        save_users(folder, None, tensors, info, {"store_config": json.dumps(self.config)})
+        return len(tensors)
 
     @classmethod
     def import_folder(cls, folder: str, path: str) -> "UserStore":
-        """A store made from a folder in the earlier layout (what `export` writes, or a run's old `users/`): built in
-        a temporary file renamed into place once every user is in, so a failed import leaves no store behind."""
-        cfg_path, idx_path = os.path.join(folder, LEGACY_CONFIG), os.path.join(folder, LEGACY_INDEX)
-        if not os.path.isfile(cfg_path):
-            raise RunStateError(f"{folder}: not a user store folder (no {LEGACY_CONFIG})")
-        with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
-        index = {}
-        if os.path.isfile(idx_path):
-            with open(idx_path, encoding="utf-8") as f:
-                index = json.load(f)
+        """A store made from a folder with `users.safetensors` (what `export` or `PerFitModel.save_pretrained` writes):
+        built in a temporary file renamed into place once every user is in, so a failed import leaves no store."""
+        from safetensors import SafetensorError
+
+        from .method.io import load_users
+
+        try:
+            tensors, info, meta = load_users(folder)
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            raise RunStateError(f"{folder}: not a folder of users' shifts ({e})") from None
+        config = json.loads(meta["store_config"]) if "store_config" in meta else {"key": "imported", "settings": {}}
         tmp = f"{path}.importing-{os.getpid()}"
         try:
-            store = cls(tmp, config if "key" in config else {"key": "imported", "settings": config})
-            tensors = {u: load_file(os.path.join(folder, e["file"])) for u, e in index.items()}
-            store.put_many(tensors, {u: {k: v for k, v in e.items() if k not in ("file", "stored_at")} for u, e in index.items()})
+            store = cls(tmp, config)
+            store.put_many(tensors, {u: {k: v for k, v in e.items() if k != "stored_at"} for u, e in info.items()})
             store.disk_bytes()  # folds the write-ahead log into the file before it moves
             store.close()
             os.replace(tmp, path)
