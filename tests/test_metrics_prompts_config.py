@@ -281,3 +281,14 @@ def test_any_other_model_gets_the_transferable_recipe_with_depth_relative_layers
         assert resolve_layers(c.intervene_layer, 32) == SEED_PRESETS[task][2]  # the paper's layers on its model
     with pytest.raises(ConfigError, match="--preset 'mine': choose from auto, paper"):
         RunConfig(preset="mine").resolved()
+
+
+def test_one_dtype_vocabulary_for_every_command():
+    """`perfit run --dtype bf16` and `perfit serve --dtype bf16` accept the same names (serve refused bf16 before)."""
+    from perfit.config import DTYPES, RunConfig, ServeConfig, check_fields
+
+    for name in DTYPES:
+        check_fields(RunConfig(dtype=name))
+        check_fields(ServeConfig(run_dir="r", dtype=name))
+    with pytest.raises(ConfigError, match="--dtype 'half'"):
+        check_fields(ServeConfig(run_dir="r", dtype="half"))

@@ -231,3 +231,23 @@ def test_failed_jobs_keep_their_error_not_their_items_and_are_bounded(tmp_path, 
         assert db.execute("SELECT COUNT(*) FROM jobs WHERE items IS NOT NULL").fetchone()[0] == 0
     assert store.delete("c") is False  # a failed job is not "something stored" about a user, and goes anyway
     assert store.job("c") is None
+
+
+def test_a_store_made_with_other_settings_names_the_setting(finished_run, tmp_path):
+    """A run dir's store refused for another --patience says so, not "same settings, other data" (the settings a
+    store records are derived from the fields declared to affect the users' shifts, not a hand-kept list)."""
+    import dataclasses
+    import shutil
+
+    from perfit import PerFitModel
+    from perfit.backbone import load_backbone
+    from perfit.rundir import load_run_config
+
+    _, res = finished_run
+    run = str(tmp_path / "run")
+    shutil.copytree(res["run_dir"], run)
+    cfg = load_run_config(run)
+    other = dataclasses.replace(cfg, patience=cfg.patience + 1)
+    pm = PerFitModel(other, load_backbone(cfg.model_path, cfg.dtype, cfg.cuda_device, cfg.model_name, device="cpu"), run)
+    with pytest.raises(RunStateError, match=rf"patience: {cfg.patience} vs {cfg.patience + 1}"):
+        pm.open_store()

@@ -49,6 +49,8 @@ def _f(default: Any, help: str, affects: tuple[str, ...], min: float | None = No
 
 
 PERSONALIZE_MODES = ("train", "instant", "instant+train")
+# the one dtype vocabulary of every command (backbone.torch_dtype maps them): auto, the torch names and their short forms
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64", "fp32", "bf16", "fp16")
 GENERATOR_MIN_USERS = 120  # stage-1 users generated data gets when the generator is on
 
 # a setting whose default is "preset" (-1 / empty) takes its task preset's value, else this
@@ -67,7 +69,7 @@ class RunConfig:
                  ("stage1", "stage2_only", "task_lora", "oppu"), choices=("auto", "paper"))
     cuda_device: int = _f(0, "GPU index when CUDA is present; ignored (with a notice) on CPU-only machines.", (), min=0)
     dtype: str = _f("auto", "Backbone dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16 (float64: exact arithmetic, for checks).", ("model",),
-                    choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "float64"))
+                    choices=DTYPES)
     seed: int = _f(42, "Seed for initialisation, data order and generated data.", DATA)
     batch_size: int = _f(8, "Examples per optimisation step (stage 2: per user per step).",
                          ("stage1", "users", "stage2_only", "task_lora", "oppu"), min=1)
@@ -338,6 +340,24 @@ def affects(cls=CompareConfig) -> dict[str, tuple[str, ...]]:
     return {f.name: f.metadata["affects"] for f in dataclasses.fields(cls)}
 
 
+def upstream(artifact: str) -> set[str]:
+    """The artifacts `artifact` is built from, itself included."""
+    out, todo = set(), [artifact]
+    while todo:
+        a = todo.pop()
+        if a not in out:
+            out.add(a)
+            todo.extend(ARTIFACTS[a])
+    return out
+
+
+def fields_affecting(artifact: str, cls=None) -> list[str]:
+    """The fields whose change changes `artifact` (declared on it or on what it is built from), in declaration order:
+    what a saved artifact records of its settings, so a refusal can name the field that differs."""
+    ups = upstream(artifact)
+    return [f.name for f in dataclasses.fields(cls or RunConfig) if set(f.metadata["affects"]) & ups]
+
+
 def downstream(artifacts) -> set[str]:
     """The artifacts built from any of `artifacts`, themselves included."""
     out = set(artifacts)
@@ -480,7 +500,7 @@ class ServeConfig:
     served_model_name: str = _f("perfit", "The model name requests must give in their 'model' field.", ())
     device: str = _f("", "cpu, cuda or cuda:N (default: the run's GPU if CUDA is present).", ())
     dtype: str = _f("", "Backbone dtype (default: the run's); float64 serves the exact arithmetic the tests compare.", (),
-                    choices=("", "auto", "float32", "bfloat16", "float16", "float64"))
+                    choices=("",) + DTYPES)
     max_body_bytes: int = _f(1 << 20, "Largest request body accepted (413 beyond).", (), min=1)
     max_tokens: int = _f(256, "Largest max_tokens / max_new_tokens a request may ask for.", (), min=1)
     max_prompt_tokens: int = _f(4096, "Longest prompt accepted, in tokens (also bounded by the run's max_length).", (), min=1)

@@ -23,7 +23,7 @@ import torch
 from . import dist
 from .backbone import Backbone, check_layers, load_backbone
 from .batching import tokenize_examples, tokenize_prompt
-from .config import PERSONALIZE_MODES, RunConfig, artifact_keys, check_run_overrides, parse_positions, run_fields
+from .config import PERSONALIZE_MODES, RunConfig, artifact_keys, fields_affecting, check_run_overrides, parse_positions, run_fields
 from .data import DataError, latest, validate_items, write_json_atomic
 from .errors import RunStateError
 from .faults import fault_point
@@ -309,11 +309,9 @@ class PerFitModel:
     # ------------------------------------------------------------------ the user store
 
     def store_config(self) -> dict:
-        c = self.cfg
+        """What the store records of the settings its shifts were made with: every field declared to affect them."""
         return {"key": self.keys()["users"], "stage1_key": self.keys()["stage1"],
-                "settings": {k: getattr(c, k) for k in ("task_name", "personalize", "warm_epochs", "user_lr", "max_epoch", "batch_size", "seed",
-                                                         "max_history", "holdout", "low_rank_dimension",
-                                                         "user_low_rank_dimension", "intervene_layer", "positions")}}
+                "settings": {k: getattr(self.cfg, k) for k in fields_affecting("users")}}
 
     def open_store(self, overwrite: bool = False) -> UserStore:
         """The run's user store, checked against the current settings (a store made otherwise is an error unless
