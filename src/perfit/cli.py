@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from typing import Callable
 
 from .config import CompareConfig, RunConfig, ServeConfig
 from .errors import PerFitError, user_message
@@ -33,9 +34,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls=RunConfig) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="Only warnings and the final summary.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="perfit", description="Personalize a frozen LLM with collective + personal low-rank shifts.")
-    sub = ap.add_subparsers(dest="command", required=True)
+def _add_run_parsers(sub) -> None:
     for name, help in RUN_COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
         _add_config_flags(p)
@@ -46,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "that differ from the run's are refused).")
     help = "run PerFit and its peers (OPPU, task LoRA, RAG, ...) on the same users; writes comparison.{json,md,png}"
     _add_config_flags(sub.add_parser("compare", help=help, description=help), CompareConfig)
+
+
+def _add_model_parsers(sub) -> None:
+    """The commands over a finished run's model: generate, personalize, serve, tune, analyze."""
     help = "answer one user's input with a finished run (settings from the run's config)"
     p = sub.add_parser("generate", help=help, description=help)
     p.add_argument("--run_dir", required=True, help="A run dir made by `perfit run` (or stage1 + stage2).")
@@ -77,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run_dir", required=True)
     p.add_argument("--output_dir", required=True, help="Folder of analysis.json and analysis.png.")
     p.add_argument("--max_users", type=int, default=0, help="The first N test users (0: all).")
+
+
+def _add_store_parsers(sub) -> None:
     help = "operate a run's user store: ls, show, export, import, verify"
     p = sub.add_parser("store", help=help, description=help)
     p.add_argument("action", choices=["ls", "show", "export", "import", "verify"])
@@ -90,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("forget", help=help, description=help)
     p.add_argument("--run_dir", required=True)
     p.add_argument("--user_id", required=True)
+
+
+def _add_data_parsers(sub) -> None:
     p = sub.add_parser("make-data", help="generate LaMP-format data with known per-user preferences")
     p.add_argument("--task_name", required=True, choices=list(TASKS))
     p.add_argument("--output_dir", required=True)
@@ -112,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task_name", required=True, choices=list(TASKS))
     p.add_argument("--golds_json", required=True)
     p.add_argument("--preds_json", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="perfit", description="Personalize a frozen LLM with collective + personal low-rank shifts.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    # in this order: it is the order `perfit --help` lists the commands in
+    for add in (_add_run_parsers, _add_model_parsers, _add_store_parsers, _add_data_parsers):
+        add(sub)
     return ap
 
 
@@ -173,114 +190,181 @@ def _store_command(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 speaks, but for warnings
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) or rank else logging.INFO,
-                        format=f"[perfit{f' rank {rank}' if rank else ''}] %(message)s", stream=sys.stderr)
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 speaks, but for warnings
+
+
+def _cmd_run(args) -> int:
+    from . import pipeline
+
+    res = pipeline.run(_config(args))
+    if res is not None:
+        print(pipeline.summary_table(res))
+        print(f"results: {res['run_dir']}/results.json")
+    return 0
+
+
+def _cmd_stage1(args) -> int:
+    from . import pipeline
+
+    out = pipeline.stage1_only(_config(args))
+    if not _rank():
+        print(out)
+    return 0
+
+
+def _cmd_stage2(args) -> int:
+    from . import pipeline
+
+    out = pipeline.stage2_only(_config(args))
+    if not _rank():
+        print(out)
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from . import pipeline
+
+    if args.run_dir:
+        from .config import load_config_file
+
+        given = (load_config_file(args.config, RunConfig) if args.config else {}) | _given(args, RunConfig)
+        res = pipeline.predict_only(run_dir=args.run_dir, overrides=given)
+    else:
+        res = pipeline.predict_only(_config(args))
+    print(pipeline.summary_table(res))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .compare import compare
+
+    doc = compare(_config(args, CompareConfig))
+    print(open(os.path.join(doc["config"]["output_dir"], "comparison.md"), encoding="utf-8").read())
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .model import PerFitModel
+
+    pm = PerFitModel.from_run(args.run_dir, device=args.device or None)
+    out = pm.generate([args.user_id], [args.input], max_new_tokens=args.max_new_tokens or None, raw=args.raw)
+    if out.without_personal_shift:
+        print(f"perfit: user {args.user_id!r} has no personal shift in {args.run_dir}: the stage-1 shifts answered",
+              file=sys.stderr)
+    print(out[0])
+    return 0
+
+
+def _cmd_personalize(args) -> int:
+    from .model import PerFitModel
+
+    histories = _read_histories(args.history)
+    pm = PerFitModel.from_run(args.run_dir, device=args.device or None)
+    print(json.dumps(pm.personalize(histories, mode=args.personalize or None), indent=1))
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from .config import check_fields
+    from .serve.app import serve
+
+    sc = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    check_fields(sc)
+    if sc.engine == "vllm":
+        from .vllm_plugin.server import serve_vllm
+
+        return serve_vllm(sc)
+    return serve(sc)
+
+
+def _cmd_tune(args) -> int:
+    from .tune import TuneConfig, tune
+
+    doc = tune(_config(args, TuneConfig))
+    print(json.dumps({k: doc[k] for k in ("task", "method", "completed")} | {"best": doc.get("best")}, indent=1))
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    from .analyze import analyze_run
+
+    res = analyze_run(args.run_dir, args.output_dir, args.max_users)
+    print(json.dumps({k: res[k] for k in ("users", "total", "personal", "cosine_to_collective")
+                      if k in res} | {"cosine_to_collective": {k: v for k, v in res["cosine_to_collective"].items()
+                                                                if k != "per_user"}}
+                     | ({"preference_vs_shift_distance": res["preference_vs_shift_distance"]}
+                        if "preference_vs_shift_distance" in res else {}), indent=1))
+    return 0
+
+
+def _cmd_forget(args) -> int:
+    from .rundir import forget_user
+
+    print(json.dumps({"user_id": args.user_id, "removed": forget_user(args.run_dir, args.user_id)}))
+    return 0
+
+
+def _cmd_make_data(args) -> int:
+    from .data.synthetic import generate
+
+    print(json.dumps(generate(args.task_name, args.output_dir, args.num_users, args.history_per_user,
+                              args.queries_per_user, args.num_other_users, args.seed)))
+    return 0
+
+
+def _cmd_convert_lamp(args) -> int:
+    from .data.lamp import convert_lamp
+
+    print(json.dumps(convert_lamp(args.task_name, args.questions, args.outputs, args.output_dir,
+                                  args.num_test_users, args.others_questions, args.others_outputs)))
+    return 0
+
+
+def _cmd_validate_data(args) -> int:
     from .data import load_task_data, summarize
 
+    td = load_task_data(args.data_dir, args.task_name)
+    print(json.dumps(summarize(td, td.iter_others()), indent=1))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .metrics import evaluate_files
+
+    print(json.dumps(evaluate_files(args.task_name, args.golds_json, args.preds_json)))
+    return 0
+
+
+# command -> its handler, which returns the exit code (a PerFitError raised in it: 2)
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run, "stage1": _cmd_stage1, "stage2": _cmd_stage2, "predict": _cmd_predict, "compare": _cmd_compare,
+    "generate": _cmd_generate, "personalize": _cmd_personalize, "serve": _cmd_serve, "tune": _cmd_tune,
+    "analyze": _cmd_analyze, "store": _store_command, "forget": _cmd_forget, "make-data": _cmd_make_data,
+    "convert-lamp": _cmd_convert_lamp, "validate-data": _cmd_validate_data, "evaluate": _cmd_evaluate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = _rank()
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) or rank else logging.INFO,
+                        format=f"[perfit{f' rank {rank}' if rank else ''}] %(message)s", stream=sys.stderr)
     if args.command in RUN_COMMANDS:
-        from . import dist, pipeline  # torch comes in here: the data commands run without it
+        # torch comes in here (pipeline before dist.setup, as ever): the data commands run without it
+        from . import dist, pipeline  # noqa: F401
 
         if args.command == "predict" and rank:
             return 0  # predicting is rank 0's work
         dist.setup()
     try:
-        if args.command == "run":
-            res = pipeline.run(_config(args))
-            if res is not None:
-                print(pipeline.summary_table(res))
-                print(f"results: {res['run_dir']}/results.json")
-        elif args.command == "stage1":
-            out = pipeline.stage1_only(_config(args))
-            print(out) if not rank else None
-        elif args.command == "stage2":
-            out = pipeline.stage2_only(_config(args))
-            print(out) if not rank else None
-        elif args.command == "predict":
-            if args.run_dir:
-                from .config import load_config_file
-
-                given = (load_config_file(args.config, RunConfig) if args.config else {}) | _given(args, RunConfig)
-                res = pipeline.predict_only(run_dir=args.run_dir, overrides=given)
-            else:
-                res = pipeline.predict_only(_config(args))
-            print(pipeline.summary_table(res))
-        elif args.command == "generate":
-            from .model import PerFitModel
-
-            pm = PerFitModel.from_run(args.run_dir, device=args.device or None)
-            out = pm.generate([args.user_id], [args.input], max_new_tokens=args.max_new_tokens or None, raw=args.raw)
-            if out.without_personal_shift:
-                print(f"perfit: user {args.user_id!r} has no personal shift in {args.run_dir}: the stage-1 shifts answered",
-                      file=sys.stderr)
-            print(out[0])
-        elif args.command == "personalize":
-            from .model import PerFitModel
-
-            histories = _read_histories(args.history)
-            pm = PerFitModel.from_run(args.run_dir, device=args.device or None)
-            print(json.dumps(pm.personalize(histories, mode=args.personalize or None), indent=1))
-        elif args.command == "forget":
-            from .rundir import forget_user
-
-            print(json.dumps({"user_id": args.user_id, "removed": forget_user(args.run_dir, args.user_id)}))
-        elif args.command == "serve":
-            from .config import check_fields
-            from .serve.app import serve
-
-            sc = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
-            check_fields(sc)
-            if sc.engine == "vllm":
-                from .vllm_plugin.server import serve_vllm
-
-                return serve_vllm(sc)
-            return serve(sc)
-        elif args.command == "tune":
-            from .tune import TuneConfig, tune
-
-            doc = tune(_config(args, TuneConfig))
-            print(json.dumps({k: doc[k] for k in ("task", "method", "completed")} | {"best": doc.get("best")}, indent=1))
-        elif args.command == "analyze":
-            from .analyze import analyze_run
-
-            res = analyze_run(args.run_dir, args.output_dir, args.max_users)
-            print(json.dumps({k: res[k] for k in ("users", "total", "personal", "cosine_to_collective")
-                              if k in res} | {"cosine_to_collective": {k: v for k, v in res["cosine_to_collective"].items()
-                                                                        if k != "per_user"}}
-                             | ({"preference_vs_shift_distance": res["preference_vs_shift_distance"]}
-                                if "preference_vs_shift_distance" in res else {}), indent=1))
-        elif args.command == "store":
-            return _store_command(args)
-        elif args.command == "compare":
-            from .compare import compare
-
-            doc = compare(_config(args, CompareConfig))
-            print(open(os.path.join(doc["config"]["output_dir"], "comparison.md"), encoding="utf-8").read())
-        elif args.command == "make-data":
-            from .data.synthetic import generate
-
-            print(json.dumps(generate(args.task_name, args.output_dir, args.num_users, args.history_per_user,
-                                      args.queries_per_user, args.num_other_users, args.seed)))
-        elif args.command == "convert-lamp":
-            from .data.lamp import convert_lamp
-
-            print(json.dumps(convert_lamp(args.task_name, args.questions, args.outputs, args.output_dir,
-                                          args.num_test_users, args.others_questions, args.others_outputs)))
-        elif args.command == "validate-data":
-            td = load_task_data(args.data_dir, args.task_name)
-            print(json.dumps(summarize(td, td.iter_others()), indent=1))
-        elif args.command == "evaluate":
-            from .metrics import evaluate_files
-
-            print(json.dumps(evaluate_files(args.task_name, args.golds_json, args.preds_json)))
+        code = COMMANDS[args.command](args)
     except PerFitError as e:
         print(user_message(e), file=sys.stderr)
         return 2
     if args.command in RUN_COMMANDS:
         dist.teardown()
-    return 0
+    return code
 
 
 if __name__ == "__main__":
