@@ -97,6 +97,101 @@ def episode_data(model, tok, cfg, per_user: dict[str, list[Example]], cache_max_
     return EpisodeData(ex, feats, lower, idx_of, train_users, held, time.perf_counter() - t0)
 
 
+def _new_generator(model, c, collective: Shifter, data: EpisodeData) -> ShiftGenerator:
+    """A fresh generator whose input standardisation is fitted to the training users' mean features."""
+    device = next(model.parameters()).device
+    low = min(c.layers)
+    d = collective.personal[str(low)].hidden
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    gen = ShiftGenerator(GeneratorSpec(d, list(c.layers), collective.personal[str(low)].rank, c.gen_width,
+                                       c.gen_dropout)).to(device, dtype)
+    torch.manual_seed(c.seed)  # after the initialisation: it seeds the dropout of training
+    gen.set_standardisation(torch.stack([data.feats[data.idx_of[u]].mean(0) for u in data.train_users]).to(device, dtype))
+    return gen
+
+
+class _Episodes:
+    """Episodes through the frozen model with the collective shift and the generated personal shifts, `B` users at a
+    time: the held-out loss and one epoch of training."""
+
+    def __init__(self, model, gen: ShiftGenerator, sh: Shifter, p0: dict, data: EpisodeData, pad_id: int, first: int,
+                 last: int, low: int, rows_per_pass: int, B: int):
+        self.model, self.gen, self.sh, self.p0, self.data = model, gen, sh, p0, data
+        self.pad_id, self.first, self.last, self.low, self.rows_per_pass, self.B = pad_id, first, last, low, rows_per_pass, B
+
+    def _loss(self, eps, backward: bool) -> tuple[float, int]:
+        d = self.data
+        return _episode_loss(self.model, self.sh, self.gen, self.p0, d.feats, d.ex, d.lower, eps, self.pad_id,
+                             self.first, self.last, self.low, self.rows_per_pass, backward=backward)
+
+    def held_out_loss(self, val_eps) -> float | None:
+        if not val_eps:
+            return None
+        self.gen.eval()
+        tot, n = 0.0, 0
+        with torch.no_grad(), self.sh.attached(self.model):
+            for s in range(0, len(val_eps), self.B):
+                a, b = self._loss(val_eps[s: s + self.B], backward=False)
+                tot, n = tot + a, n + b
+        return tot / max(n, 1)
+
+    def train_epoch(self, opt, rng: random.Random, n_t: int, bar, it) -> float:
+        """One pass over the training users in a new order, each user's targets drawn anew; its mean token loss."""
+        self.gen.train()
+        order = list(self.data.train_users)
+        rng.shuffle(order)
+        tot, n = 0.0, 0
+        with self.sh.attached(self.model):
+            for s in range(0, len(order), self.B):
+                eps = []
+                for u in order[s: s + self.B]:
+                    items = list(self.data.idx_of[u])
+                    rng.shuffle(items)
+                    t = min(n_t, len(items) - 1)
+                    eps.append((items[t:], items[:t]))
+                opt.zero_grad()
+                a, b = self._loss(eps, backward=True)
+                torch.nn.utils.clip_grad_norm_(self.gen.parameters(), 1.0)  # a few users' loss must not throw it far
+                opt.step()
+                tot, n = tot + a, n + b
+                next(it, None)
+                bar.set_postfix(loss=f"{a / max(b, 1):.3f}", refresh=False)
+        return tot / max(n, 1)
+
+
+class _KeepBest:
+    """The epoch with the lowest held-out loss (with nothing held out: the last) and its generator's state."""
+
+    def __init__(self, loss: float | None, gen: ShiftGenerator):
+        self.loss, self.epoch, self.state, self.bad = loss, 0, {k: v.clone() for k, v in gen.state_dict().items()}, 0
+
+    def update(self, loss: float | None, epoch: int, gen: ShiftGenerator, patience: int) -> bool:
+        """Records the epoch; True when `patience` epochs in a row have not beaten the best."""
+        if loss is None or loss < self.loss:
+            self.loss, self.epoch, self.bad = loss, epoch, 0
+            self.state = {k: v.clone() for k, v in gen.state_dict().items()}
+            return False
+        self.bad += 1
+        return self.bad >= patience
+
+
+def _report(desc: str, data: EpisodeData, gen: ShiftGenerator, best: _KeepBest, val: list, train_losses: list,
+            t0: float) -> dict:
+    report = {"users_train": len(data.train_users), "users_held_out": len(data.held), "items": len(data.ex),
+              "parameters": gen.num_parameters(), "epochs_run": len(train_losses), "best_epoch": best.epoch,
+              "held_out_loss_p0": val[0], "held_out_loss": val, "train_loss": train_losses,
+              "feature_seconds": round(data.seconds, 2),
+              "train_seconds": round(data.seconds + time.perf_counter() - t0, 2)}
+    if val[0] is not None and best.epoch == 0:
+        log.warning("%s: no epoch beat P0 on the %d held-out stage-1 users (loss %.4f): the generator gives P0, the "
+                    "stage-1 shift, to every user; more stage-1 users or other --gen_* settings may help", desc,
+                    len(data.held), val[0])
+    log.info("%s: %d users (%d held out), best epoch %d, held-out loss %s -> %s, %.1fs", desc, len(data.train_users),
+             len(data.held), best.epoch, None if val[0] is None else round(val[0], 4),
+             None if best.loss is None else round(best.loss, 4), report["train_seconds"])
+    return report
+
+
 def fit_generator(model, tok, cfg, collective: Shifter, first: int, last: int, per_user: dict[str, list[Example]],
                   desc: str = "shift generator", cache_max_bytes: int = 2 * 1024**3,
                   data: EpisodeData | None = None) -> tuple[ShiftGenerator, dict]:
@@ -105,89 +200,32 @@ def fit_generator(model, tok, cfg, collective: Shifter, first: int, last: int, p
     c = cfg
     data = data or episode_data(model, tok, cfg, per_user, cache_max_bytes)
     t0 = time.perf_counter()
-    ex, feats, lower, idx_of, train_users, held = data.ex, data.feats, data.lower, data.idx_of, data.train_users, data.held
-    device = next(model.parameters()).device
-    low = min(c.layers)
-    d = collective.personal[str(low)].hidden
-    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-    gen = ShiftGenerator(GeneratorSpec(d, list(c.layers), collective.personal[str(low)].rank, c.gen_width,
-                                       c.gen_dropout)).to(device, dtype)
-    torch.manual_seed(c.seed)
-    gen.set_standardisation(torch.stack([feats[idx_of[u]].mean(0) for u in train_users]).to(device, dtype))
-    p0 = {k2: v.to(device) for k2, v in collective.user_state(0).items()}
+    idx_of, train_users = data.idx_of, data.train_users
+    gen = _new_generator(model, c, collective, data)
+    p0 = {k2: v.to(next(model.parameters()).device) for k2, v in collective.user_state(0).items()}
     opt = torch.optim.AdamW(gen.parameters(), lr=c.gen_lr, weight_decay=c.gen_weight_decay)
     n_t = c.gen_targets
     # held-out episodes are fixed: each held-out user's last items are its targets
-    val_eps = [(idx_of[u][: -min(n_t, len(idx_of[u]) - 1)], idx_of[u][-min(n_t, len(idx_of[u]) - 1):]) for u in held]
+    val_eps = [(idx_of[u][: -min(n_t, len(idx_of[u]) - 1)], idx_of[u][-min(n_t, len(idx_of[u]) - 1):]) for u in data.held]
     B = c.gen_users_per_step
-    sh = collective.spawn(B)
+    episodes = _Episodes(model, gen, collective.spawn(B), p0, data, tok.pad_token_id, first, last, min(c.layers),
+                         c.rows_per_pass, B)
     rng = random.Random(f"{c.seed}:generator")
-
-    def held_out_loss() -> float | None:
-        if not val_eps:
-            return None
-        gen.eval()
-        tot, n = 0.0, 0
-        with torch.no_grad(), sh.attached(model):
-            for s in range(0, len(val_eps), B):
-                a, b = _episode_loss(model, sh, gen, p0, feats, ex, lower, val_eps[s: s + B], tok.pad_token_id, first,
-                                     last, low, c.rows_per_pass, backward=False)
-                tot, n = tot + a, n + b
-        return tot / max(n, 1)
-
-    val = [held_out_loss()]
-    best, best_epoch, best_state, bad = val[0], 0, {k2: v.clone() for k2, v in gen.state_dict().items()}, 0
+    val = [episodes.held_out_loss(val_eps)]
+    best = _KeepBest(val[0], gen)
     train_losses = []
-    steps_per_epoch = -(-len(train_users) // B)
-    bar = progress(range(c.gen_epochs * steps_per_epoch), desc=desc)
+    bar = progress(range(c.gen_epochs * -(-len(train_users) // B)), desc=desc)
     it = iter(bar)
     for epoch in range(1, c.gen_epochs + 1):
-        gen.train()
-        order = list(train_users)
-        rng.shuffle(order)
-        tot, n = 0.0, 0
-        with sh.attached(model):
-            for s in range(0, len(order), B):
-                eps = []
-                for u in order[s: s + B]:
-                    items = list(idx_of[u])
-                    rng.shuffle(items)
-                    t = min(n_t, len(items) - 1)
-                    eps.append((items[t:], items[:t]))
-                opt.zero_grad()
-                a, b = _episode_loss(model, sh, gen, p0, feats, ex, lower, eps, tok.pad_token_id, first, last, low,
-                                     c.rows_per_pass, backward=True)
-                torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)  # a few users' loss must not throw it far
-                opt.step()
-                tot, n = tot + a, n + b
-                next(it, None)
-                bar.set_postfix(loss=f"{a / max(b, 1):.3f}", refresh=False)
-        train_losses.append(tot / max(n, 1))
-        val.append(held_out_loss())
+        train_losses.append(episodes.train_epoch(opt, rng, n_t, bar, it))
+        val.append(episodes.held_out_loss(val_eps))
         log.info("%s: epoch %d, training loss %.4f, held-out loss %s", desc, epoch, train_losses[-1],
                  "n/a" if val[-1] is None else f"{val[-1]:.4f}")
-        if val[-1] is None or val[-1] < best:
-            best, best_epoch, bad = val[-1], epoch, 0
-            best_state = {k2: v.clone() for k2, v in gen.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= c.gen_patience:
-                break
+        if best.update(val[-1], epoch, gen, c.gen_patience):
+            break
     bar.close()
-    gen.load_state_dict(best_state)
+    gen.load_state_dict(best.state)
     gen.eval()
     for p in gen.parameters():
         p.requires_grad_(False)
-    report = {"users_train": len(train_users), "users_held_out": len(held), "items": len(ex),
-              "parameters": gen.num_parameters(), "epochs_run": len(train_losses), "best_epoch": best_epoch,
-              "held_out_loss_p0": val[0], "held_out_loss": val, "train_loss": train_losses,
-              "feature_seconds": round(data.seconds, 2),
-              "train_seconds": round(data.seconds + time.perf_counter() - t0, 2)}
-    if val[0] is not None and best_epoch == 0:
-        log.warning("%s: no epoch beat P0 on the %d held-out stage-1 users (loss %.4f): the generator gives P0, the "
-                    "stage-1 shift, to every user; more stage-1 users or other --gen_* settings may help", desc,
-                    len(held), val[0])
-    log.info("%s: %d users (%d held out), best epoch %d, held-out loss %s -> %s, %.1fs", desc, len(train_users),
-             len(held), best_epoch, None if val[0] is None else round(val[0], 4),
-             None if best is None else round(best, 4), report["train_seconds"])
-    return gen, report
+    return gen, _report(desc, data, gen, best, val, train_losses, t0)
