@@ -98,6 +98,76 @@ def _per_row(value, n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
+def _order(prompts: list[list[int]], users: list[int] | None, shifter: Shifter | None, share_prefix: bool,
+           first: int) -> list[int]:
+    """The order prompts are batched in: by length, so that little is padded."""
+    if share_prefix and users is not None and shifter is not None and first > 0:
+        # the prefix then runs once per user in a batch: keep a user's queries together
+        return sorted(range(len(prompts)), key=lambda i: (users[i], len(prompts[i])))
+    return sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+
+
+@dataclass
+class _Ends:
+    """What ends a row's answer, for the whole call."""
+    eos: int | None
+    newline: set
+    blank: frozenset
+    stop_early: bool
+    on_token: Callable[[int, int], bool | None] | None
+
+
+class _Rows:
+    """The token bookkeeping of one batch's rows while decoding: their tokens so far, which are done, and why."""
+
+    def __init__(self, idx: list[int], n_new: list[int], is_task: list[bool], finish: list[str], ends: _Ends):
+        self.idx, self.n_new, self.is_task, self.finish, self.ends = idx, n_new, is_task, finish, ends
+        self.gen: list[list[int]] = [[] for _ in idx]
+        self.done = [n_new[i] <= 0 for i in idx]
+        self.started = [False] * len(idx)  # a newline ends a task answer only once some text was produced
+
+    def take(self, tokens: list[int]) -> bool:
+        """Each row's next token; True when every row is done."""
+        e = self.ends
+        for j, t in enumerate(tokens):
+            i = self.idx[j]
+            if self.done[j]:
+                continue
+            if e.stop_early and t == e.eos:
+                self.done[j], self.finish[i] = True, "stop"
+                continue
+            self.gen[j].append(t)
+            if e.on_token is not None and e.on_token(i, t):  # the caller ends this row (a stop string)
+                self.done[j], self.finish[i] = True, "stop"
+                continue
+            if e.stop_early and self.is_task[i] and t in e.newline and self.started[j]:
+                self.done[j], self.finish[i] = True, "stop"
+            self.started[j] = self.started[j] or t not in e.blank
+            if len(self.gen[j]) >= self.n_new[i]:
+                self.done[j] = True
+        return all(self.done)
+
+
+def _decode(model, res, mask, pos, rows: _Rows, keep: dict, kw: str, with_logits: bool) -> list[torch.Tensor]:
+    """Greedy steps after the prefill until every row is done or at its length; returns each step's logits when
+    `with_logits` (else nothing)."""
+    cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
+    steps: list[torch.Tensor] = []
+    logits = res.logits[:, -1]
+    for _ in range(max(rows.n_new[i] for i in rows.idx)):
+        nxt = logits.argmax(-1)
+        if with_logits:
+            steps.append(logits.float().cpu())
+        if rows.take(nxt.tolist()):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(rows.idx), 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        res = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True, **keep, **{kw: cache})
+        cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
+        logits = res.logits[:, -1]
+    return steps
+
+
 @torch.no_grad()
 def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | None = None, shifter: Shifter | None = None,
                     use_collective: bool = True, first: int = 0, last: int = 0, max_new_tokens: int | list[int] = 16,
@@ -113,60 +183,23 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
     `on_token(i, token)`: called for every token generated for prompt i, as it is generated (streaming); a true
     return value ends that prompt's generation there.
     `details`: return a GenerationOutput (texts, tokens, finish reasons); `with_logits`: with each step's logits too."""
-    eos = tok.eos_token_id
-    newline = set(_newline_ids(tok))
-    blank = _blank_ids(tok)
+    ends = _Ends(tok.eos_token_id, set(_newline_ids(tok)), _blank_ids(tok), stop_early, on_token)
     kw = cache_kwarg(model)
     n_new, is_task = _per_row(max_new_tokens, len(prompts)), _per_row(task, len(prompts))
     # only the last position's logits are needed
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    if share_prefix and users is not None and shifter is not None and first > 0:
-        # the prefix then runs once per user in a batch: keep a user's queries together
-        order = sorted(range(len(prompts)), key=lambda i: (users[i], len(prompts[i])))
-    else:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = _order(prompts, users, shifter, share_prefix, first)
     out = GenerationOutput([""] * len(prompts), [[] for _ in prompts], [torch.empty(0)] * len(prompts), ["length"] * len(prompts))
     for s in progress(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[s: s + batch_size]
         res, mask, pos = _prefill(model, [prompts[i] for i in idx], None if users is None else [users[i] for i in idx], shifter,
                                   use_collective, max(first, 0), max(last, 0), tok.pad_token_id, share_prefix and bool(keep), keep)
-        cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
-        gen = [[] for _ in idx]
-        steps: list[torch.Tensor] = []
-        done = [n_new[i] <= 0 for i in idx]
-        started = [False] * len(idx)  # a newline ends a task answer only once some text was produced
-        logits = res.logits[:, -1]
-        for step in range(max(n_new[i] for i in idx)):
-            nxt = logits.argmax(-1)
-            if with_logits:
-                steps.append(logits.float().cpu())
-            for j, t in enumerate(nxt.tolist()):
-                i = idx[j]
-                if done[j]:
-                    continue
-                if stop_early and t == eos:
-                    done[j], out.finish[i] = True, "stop"
-                    continue
-                gen[j].append(t)
-                if on_token is not None and on_token(i, t):  # the caller ends this row (a stop string)
-                    done[j], out.finish[i] = True, "stop"
-                    continue
-                if stop_early and is_task[i] and t in newline and started[j]:
-                    done[j], out.finish[i] = True, "stop"
-                started[j] = started[j] or t not in blank
-                if len(gen[j]) >= n_new[i]:
-                    done[j] = True
-            if all(done):
-                break
-            mask = torch.cat([mask, mask.new_ones(len(idx), 1)], dim=1)
-            pos = pos[:, -1:] + 1
-            res = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, use_cache=True, **keep, **{kw: cache})
-            cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
-            logits = res.logits[:, -1]
+        rows = _Rows(idx, n_new, is_task, out.finish, ends)
+        steps = _decode(model, res, mask, pos, rows, keep, kw, with_logits)
         for j, i in enumerate(idx):
-            text = tok.decode(gen[j], skip_special_tokens=True)
+            text = tok.decode(rows.gen[j], skip_special_tokens=True)
             out.texts[i] = clean_prediction(text) if is_task[i] else text
-            out.tokens[i] = gen[j]
+            out.tokens[i] = rows.gen[j]
             if with_logits:
                 out.logits[i] = torch.stack([st[j] for st in steps])
     return out if (details or with_logits) else out.texts
