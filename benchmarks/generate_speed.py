@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import add_model_args, setup, sync  # noqa: E402
 
 from perfit.generate import greedy_generate  # noqa: E402
-from perfit.shifts import Shifter, parse_positions  # noqa: E402
+from perfit.method.shifts import Shifter, parse_positions  # noqa: E402
 from perfit.batching import tokenize_prompt  # noqa: E402
 
 

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from perfit.shifts import Shifter
+from perfit.method.shifts import Shifter
 from perfit.store import UserStore
 from perfit.method.bank import ShiftBank
-from perfit.shifts import shift_hook
+from perfit.method.shifts import shift_hook
 from perfit.vllm_plugin.admission import RunInfo, acquire, plan_tokens, step_state
 
 

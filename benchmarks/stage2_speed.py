@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import add_model_args, model_argv, peak_bytes, run_part, setup, sync  # noqa: E402
 
-from perfit.shifts import Shifter, ShiftState, parse_positions  # noqa: E402
+from perfit.method.shifts import Shifter, ShiftState, parse_positions  # noqa: E402
 from perfit.train import train_shifts  # noqa: E402
 from perfit.batching import make_batch  # noqa: E402
 

@@ -9,7 +9,7 @@ import torch
 from perfit.backbone import check_head, decoder_layers, lm_logits
 from perfit.errors import ConfigError
 from perfit.generate import greedy_generate
-from perfit.shifts import Shifter, ShiftState, position_index, probe_outputs
+from perfit.method.shifts import Shifter, ShiftState, position_index, probe_outputs
 from perfit.testing import FAMILIES, tiny_model
 from perfit.train import train_shifts
 from perfit.train.forward import forward_loss

@@ -26,8 +26,8 @@ def _args(out, tiny_model_dir, data):
 def _outputs(out):
     run = os.path.realpath(os.path.join(out, "movie_tagging", "latest"))
     store = UserStore(os.path.join(run, "users.sqlite"))
-    return {"stage1": load_file(os.path.join(run, "task_reft", "ckpt", "shifts.safetensors")),
-            "meta": json.load(open(os.path.join(run, "task_reft", "ckpt", "config.json"))),
+    return {"stage1": load_file(os.path.join(run, "task_reft", "ckpt", "collective.safetensors")),
+            "meta": json.load(open(os.path.join(run, "task_reft", "ckpt", "stage1.json"))),
             "users": {u: store.get(u) for u in store.users()}, "entries": store.entries(),
             "predictions": json.load(open(os.path.join(run, "result_data_type=user_top_100_history",
                                                        "user_top_100_history_all.json")))}

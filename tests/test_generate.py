@@ -6,7 +6,7 @@ import torch
 
 from perfit.batching import shared_prompt_prefix, tokenize_prompt
 from perfit.generate import _prefill, greedy_generate
-from perfit.shifts import Shifter, ShiftState
+from perfit.method.shifts import Shifter, ShiftState
 
 from conftest import model64, wide_margin_tokens
 

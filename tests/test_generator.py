@@ -11,7 +11,7 @@ from perfit import PerFitModel, pipeline
 from perfit.backbone import load_backbone
 from perfit.batching import tokenize_examples
 from perfit.config import RunConfig
-from perfit.generator import GeneratorSpec, ShiftGenerator, personal_weights, user_tensors
+from perfit.method.generator import GeneratorSpec, ShiftGenerator, personal_weights, user_tensors
 from perfit.rundir import GENERATOR, read_generator
 from perfit.train import stages
 from perfit.train.forward import forward_loss
@@ -238,7 +238,7 @@ def test_serving_an_instant_user_then_its_refined_shift(pm64, trainer):
 def test_features_with_the_shared_instruction_run_once_equal_full_passes(pm64):
     """A new user's features (instruction once per chunk, rows spliced after it) equal those of full passes, the
     generator's training features, to float64 rounding; neither depends on the batch an item falls in."""
-    from perfit.generator import item_features
+    from perfit.method.generator import item_features
 
     ex = tokenize_examples(pm64.tok, [pm64.builder.history_example(it, "x") for it in ITEMS], 256)
     spliced, none = item_features(pm64.model, ex, [1, 2], pm64.tok.pad_token_id)

@@ -36,7 +36,7 @@ def test_end_to_end_outputs(finished_run):
     allres = _all(run)
     assert [u["user_id"] for u in allres] == ["u0000", "u0001", "u0002"]
     assert set(allres[0]["query"][0]) == {"id", "gold", "zero_shot", "stage1", "perfit"}
-    assert os.path.isfile(os.path.join(run, "task_reft", "ckpt", "shifts.safetensors"))
+    assert os.path.isfile(os.path.join(run, "task_reft", "ckpt", "collective.safetensors"))
     store = UserStore(os.path.join(run, "users.sqlite"))
     assert len(store) == 3 and store.users() == ["u0000", "u0001", "u0002"] and store.verify() == []
     e = store.entry("u0001")
@@ -67,11 +67,11 @@ def _stored_at(run_dir) -> dict:
 
 def test_rerun_reuses_everything(own_run, caplog):
     cfg, run = own_run
-    before = (_mtime(run, "task_reft", "ckpt", "shifts.safetensors"), _stored_at(run))
+    before = (_mtime(run, "task_reft", "ckpt", "collective.safetensors"), _stored_at(run))
     caplog.set_level("INFO", logger="perfit")
     pipeline.run(cfg)
     assert "reusing checkpoint" in caplog.text and "3 users already in the store, 0 to train" in caplog.text
-    assert (_mtime(run, "task_reft", "ckpt", "shifts.safetensors"), _stored_at(run)) == before
+    assert (_mtime(run, "task_reft", "ckpt", "collective.safetensors"), _stored_at(run)) == before
 
 
 def test_learning_rates_never_share_a_run_dir(own_run, caplog):
@@ -103,7 +103,7 @@ def test_explicit_run_dir_with_other_settings_is_refused_or_overwritten(own_run,
     res = pipeline.run(dataclasses.replace(cfg, run_dir_name=name, lr=5e-3, overwrite=1))
     assert res["run_dir"] == run and "stage 1: 12 examples" in caplog.text and "emptying the user store" in caplog.text
     assert UserStore(os.path.join(run, "users.sqlite")).config["stage1_key"] == json.load(
-        open(os.path.join(run, "task_reft", "ckpt", "config.json")))["stage1_key"]
+        open(os.path.join(run, "task_reft", "ckpt", "stage1.json")))["stage1_key"]
 
 
 def test_stage2_retrains_only_users_whose_history_changed(tiny_model_dir, data, tmp_path, caplog):

@@ -88,7 +88,7 @@ def test_memory_shrinks_rows_per_pass_then_the_cache():
 def test_estimate_within_a_factor_of_three_of_the_measured_training(tiny_model_dir, data, tmp_path):
     """The rates from the timed pass over 8 of the examples predict what training all of them takes."""
     from perfit.batching import tokenize_examples
-    from perfit.shifts import Shifter
+    from perfit.method.shifts import Shifter
     from perfit.train.loop import train_shifts
 
     cfg = run_cfg(tiny_model_dir, data, str(tmp_path))

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from perfit.shifts import LowRankShift
+from perfit.method.shifts import LowRankShift
 
 
 def _loreft_class():

@@ -31,7 +31,7 @@ def _outputs(out):
     return {"predictions": json.load(open(os.path.join(run, "result_data_type=user_top_100_history",
                                                        "user_top_100_history_all.json"))),
             "metrics": {v: r["metrics"] for v, r in json.load(open(os.path.join(run, "results.json")))["variants"].items()},
-            "stage1": load_file(os.path.join(run, "task_reft", "ckpt", "shifts.safetensors")),
+            "stage1": load_file(os.path.join(run, "task_reft", "ckpt", "collective.safetensors")),
             "users": {u: store.get(u) for u in store.users()}, "run": run}
 
 

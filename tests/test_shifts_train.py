@@ -12,7 +12,7 @@ from perfit.testing import tiny_llama
 from perfit.batching import make_batch, shared_prompt_prefix, tokenize_examples
 from perfit.errors import ConfigError
 from perfit.prompts import Example
-from perfit.shifts import LowRankShift, Shifter, ShiftState, parse_positions, position_index, probe_outputs
+from perfit.method.shifts import LowRankShift, Shifter, ShiftState, parse_positions, position_index, probe_outputs
 from perfit.train import MaskedAdamW, train_shifts
 from perfit.train.caches import compute_frozen_prefix, compute_lower_cache
 from perfit.train.forward import forward_loss

@@ -12,7 +12,7 @@ from safetensors.torch import save
 
 from perfit.data import write_json_atomic
 from perfit.errors import RunStateError
-from perfit.shifts import Shifter
+from perfit.method.shifts import Shifter
 from perfit.store import UserStore, save_safetensors_atomic
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from perfit.model import PerFitModel
-from perfit.shifts import Shifter, shifted_positions
+from perfit.method.shifts import Shifter, shifted_positions
 from perfit.vllm_plugin import RunInfo, ShiftBank, acquire, bank_from_run, plan_tokens
 
 

@@ -21,7 +21,7 @@ from .data import atomic_path, write_json_atomic
 from .errors import RunStateError
 from .model import PerFitModel
 from .prefix import capture_layer_outputs
-from .shifts import Shifter, ShiftState
+from .method.shifts import Shifter, ShiftState
 
 log = logging.getLogger("perfit")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .prompts import Example
-from .shifts import group_sizes, position_index
+from .method.shifts import group_sizes, position_index
 
 
 @dataclass

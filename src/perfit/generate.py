@@ -16,7 +16,7 @@ from .batching import make_batch, shared_prompt_prefix
 from .prefix import cache_kwarg, can_splice, splice_shared_prefix
 from .progress import progress
 from .prompts import clean_prediction
-from .shifts import Shifter, ShiftState
+from .method.shifts import Shifter, ShiftState
 
 
 @lru_cache(maxsize=8)

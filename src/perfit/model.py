@@ -29,14 +29,14 @@ from .errors import RunStateError
 from .faults import fault_point
 from .generate import Completion, CompletionResult, GenerationOutput, Generations, greedy_generate
 from .prompts import Example, PromptBuilder
-from .generator import ShiftGenerator, item_features, user_tensors
+from .method.generator import ShiftGenerator, item_features, user_tensors
 from .rundir import (CKPT, CONFIG_FILE, GENERATOR, PARTIAL, PROMPTS_FILE, config_diff, has_checkpoint, load_collective,
                      load_partial, load_run_config, read_generator, resolve_for_model, save_partial, store_path,
                      write_checkpoint, write_generator)
 from .method.bank import ShiftBank
 from .method.config import PerFitConfig
 from .method.io import PerFitShifts, on_prefill
-from .shifts import Shifter
+from .method.shifts import Shifter
 from .store import UserStore, history_digest
 from .store import remove_files as remove_store_files
 from .tasks import get_task

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .backbone import decoder_layers, has_sliding_window, text_config
-from .shifts import Shifter, ShiftState, group_sizes, position_index
+from .method.shifts import Shifter, ShiftState, group_sizes, position_index
 
 
 def can_splice(model) -> bool:

@@ -25,7 +25,7 @@ from .faults import fault_point
 from .method import io as method_io
 from .method.config import PerFitConfig
 from .method.io import COLLECTIVE_NAME
-from .shifts import Shifter
+from .method.shifts import Shifter
 from .store import UserStore, save_safetensors_atomic
 
 log = logging.getLogger("perfit")
@@ -131,14 +131,14 @@ def save_partial(path: str, key: str, state) -> None:
 
 def write_generator(path: str, gen, meta: dict) -> None:
     """The shift generator in one file replaced in one rename (its spec and what made it in the metadata)."""
-    from .generator import save_generator
+    from .method.generator import save_generator
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_generator(path, gen, meta, save_safetensors_atomic)
 
 
 def read_generator(path: str):
-    from .generator import load_generator
+    from .method.generator import load_generator
 
     try:
         return load_generator(path)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..errors import RunStateError
-from ..shifts import LowRankShift, Shifter, ShiftSource, apply_shift, compute_dtype, user_tensor_names
+from .shifts import LowRankShift, Shifter, ShiftSource, apply_shift, compute_dtype, user_tensor_names
 
 COLLECTIVE = 0  # slot of P0
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..shifts import Shifter, ShiftState, position_index
+from .shifts import Shifter, ShiftState, position_index
 from .bank import ShiftBank
 from .config import PerFitConfig
 

@@ -12,7 +12,7 @@ import torch
 from ..batching import tokenize_examples
 from ..generate import greedy_generate
 from ..prompts import Example
-from ..shifts import Shifter
+from ..method.shifts import Shifter
 from .forward import mean_loss
 from .loop import train_shifts
 

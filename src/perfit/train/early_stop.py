@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..batching import TokenizedExample
-from ..shifts import Shifter
+from ..method.shifts import Shifter
 from .forward import forward_loss
 
 

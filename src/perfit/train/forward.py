@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..backbone import lm_logits
 from ..batching import TokenizedExample, make_batch, shared_prompt_prefix
 from ..prefix import cache_kwarg, can_splice, pad_left, rows_cache, skip_lower_layers, splice_layout, splice_shared_prefix
-from ..shifts import Shifter, ShiftState, position_index
+from ..method.shifts import Shifter, ShiftState, position_index
 from .caches import FrozenPrefix
 
 

@@ -20,10 +20,10 @@ import torch
 from ..backbone import text_config
 from ..batching import tokenize_examples
 from ..data import DataError
-from ..generator import GeneratorSpec, ShiftGenerator, item_features, personal_weights
+from ..method.generator import GeneratorSpec, ShiftGenerator, item_features, personal_weights
 from ..progress import progress
 from ..prompts import Example
-from ..shifts import Shifter
+from ..method.shifts import Shifter
 from .forward import forward_loss
 
 log = logging.getLogger("perfit")

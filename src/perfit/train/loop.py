@@ -18,7 +18,7 @@ from .. import dist
 from ..batching import TokenizedExample
 from ..faults import fault_point
 from ..progress import progress
-from ..shifts import Shifter
+from ..method.shifts import Shifter
 from .caches import compute_frozen_prefix, compute_lower_cache
 from .early_stop import EarlyStopping
 from .forward import forward_loss

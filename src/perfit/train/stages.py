@@ -14,7 +14,7 @@ from .. import dist
 from ..batching import tokenize_examples
 from ..method.config import PerFitConfig
 from ..prompts import Example
-from ..shifts import Shifter
+from ..method.shifts import Shifter
 from ..store import history_digest
 from .forward import mean_loss
 from .loop import TrainState, TrainStats, train_shifts

@@ -18,7 +18,7 @@ import torch
 from ..config import parse_positions
 from ..method.bank import COLLECTIVE, ShiftBank
 from ..rundir import CKPT, load_collective, load_run_config, store_path
-from ..shifts import ShiftState, group_sizes, shifted_positions
+from ..method.shifts import ShiftState, group_sizes, shifted_positions
 from ..store import UserStore
 
 USER_KEY = "perfit_user"  # SamplingParams.extra_args / vllm_xargs key naming a request's user

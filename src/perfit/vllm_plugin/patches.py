@@ -27,7 +27,7 @@ import os
 from ..backbone import check_layers, decoder_layers
 from . import ENV_MAX_USERS
 from ..method.bank import ShiftBank
-from ..shifts import ShiftState, shift_hook
+from ..method.shifts import ShiftState, shift_hook
 from .admission import SHIFT_KEY, RunInfo, acquire, bank_from_run, plan_tokens, shift_of, step_state, user_of
 
 log = logging.getLogger("perfit.vllm")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbone import check_layers, decoder_layers
-from .config import parse_positions
+from ..backbone import check_layers, decoder_layers
+from ..config import parse_positions
 
 __all__ = ["parse_positions", "group_sizes", "shifted_positions", "position_index", "LowRankShift", "apply_shift", "ShiftState", "ShiftSource", "user_tensor_names", "Shifter", "shift_hook", "SHIFT_INITS"]
 

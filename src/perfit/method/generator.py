@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .backbone import decoder_layers
-from .batching import TokenizedExample, make_batch, shared_prompt_prefix
+from ..backbone import decoder_layers
+from ..batching import TokenizedExample, make_batch, shared_prompt_prefix
 from .shifts import user_tensor_names
-from .prefix import cache_kwarg, can_splice, capture_layer_input, pad_left, splice_shared_prefix
+from ..prefix import cache_kwarg, can_splice, capture_layer_input, pad_left, splice_shared_prefix
 
 FORMAT = "perfit-shift-generator/1"
 
