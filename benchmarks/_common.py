@@ -7,6 +7,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -16,6 +17,17 @@ from perfit.data import load_task_data
 from perfit.data.synthetic import generate
 from perfit.prompts import PromptBuilder
 from perfit.batching import tokenize_examples
+
+
+def timed(fn, device, reps: int) -> float:
+    """Mean seconds of `fn` over `reps` calls after one warm-up call (the device synchronised around them)."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / reps
 
 
 # randomly initialised models of real widths, for throughput where real weights cannot travel (e.g. a GPU box)

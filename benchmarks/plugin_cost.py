@@ -14,29 +14,21 @@ Last line: plugin_step_vs_forward=<plugin seconds / forward seconds> slot_load_m
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import tempfile
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import timed  # noqa: E402
+
 from perfit.method.shifts import Shifter
 from perfit.store import UserStore
 from perfit.method.bank import ShiftBank
 from perfit.method.shifts import shift_hook
 from perfit.vllm_plugin.admission import RunInfo, acquire, plan_tokens, step_state
-
-
-def timed(fn, device, reps: int) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
 
 
 def main():

@@ -12,24 +12,16 @@ Last line: old_ms=<per prefill> bank_ms=<per prefill> ratio=<old / bank>
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import torch
 
-from perfit.method.bank import ShiftBank
-from perfit.method.shifts import Shifter, ShiftState, position_index, shift_hook
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import timed  # noqa: E402
 
-
-def timed(fn, device, reps: int) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+from perfit.method.bank import ShiftBank  # noqa: E402
+from perfit.method.shifts import Shifter, ShiftState, position_index, shift_hook  # noqa: E402
 
 
 def main():

@@ -261,7 +261,7 @@ def test_an_instant_server_restarted_makes_the_shifts_it_had_accepted(pm64):
     _random_head(gen, seed=9)
     write_generator(os.path.join(pm64.run_dir, GENERATOR), gen, {})
     pm = PerFitModel.from_run(pm64.run_dir, device="cpu", dtype="float64")
-    pm.store.enqueue("early", ITEMS[:3])  # what the dead server had accepted
+    pm.writable_store().enqueue("early", ITEMS[:3])  # what the dead server had accepted
     engine = Engine(pm, max_wait_ms=0, mode="instant", trainer="process")
     engine.start()
     try:

@@ -222,7 +222,7 @@ def bundled_run(data, tmp_path_factory):
     pm.fit_collective([pm.builder.history_example(it, u.user_id) for u in td.iter_others() for it in u.profile])
     users = ["ann", "bob", "cy", "dee"]
     sh = Shifter(576, pm.cfg.layers, 1, pm.cfg.user_low_rank_dimension, len(users), seed=7, init="loreft")
-    pm.store.put_many({u: {k: 3 * v for k, v in sh.user_state(k).items()} for k, u in enumerate(users)})
+    pm.writable_store().put_many({u: {k: 3 * v for k, v in sh.user_state(k).items()} for k, u in enumerate(users)})
     queries = [q.input for u in td.test_users for q in u.query]
     return run, users, queries
 

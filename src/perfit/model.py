@@ -81,6 +81,9 @@ class NoStore:
     def delete(self, user_id) -> bool:
         return False
 
+    def __getattr__(self, name):  # a write or a job operation: there is no store to do it in
+        raise RunStateError(f"{self.path}: the run has no user store yet; PerFitModel.writable_store() makes one")
+
 
 class PerFitModel:
     def __init__(self, cfg: RunConfig, backbone: Backbone, run_dir: str, fingerprints: dict[str, str] | None = None,
@@ -288,7 +291,7 @@ class PerFitModel:
         info = {u: {"items": (items or {}).get(u, len(examples[u])), "examples": len(examples[u]), "history_digest": history_digest(examples[u]),
                     "mode": "instant", "epoch_losses": [], "final_loss": None, "train_seconds": round(seconds, 4),
                     "trained_at": now, "rank": dist.rank()} for u in tensors_of}
-        stored = self._writable_store().put_many(tensors_of, info, jobs, keep_jobs)
+        stored = self.writable_store().put_many(tensors_of, info, jobs, keep_jobs)
         self._drop_cached(tensors_of)
         return {u: info[u] for u in stored}
 
@@ -330,7 +333,7 @@ class PerFitModel:
     @property
     def store(self) -> UserStore:
         """The run's user store, opened on first use. A read never makes one: a run without a store reads as one with
-        no users (`open_store` makes it, as every write does)."""
+        no users (`writable_store` makes it, as every write does)."""
         if self._store is None:
             path = store_path(self.run_dir)
             if not os.path.isfile(path):
@@ -338,7 +341,11 @@ class PerFitModel:
             self._store = UserStore(path)
         return self._store
 
-    def _writable_store(self) -> UserStore:
+    def writable_store(self) -> UserStore:
+        """The run's user store to write to: the existing one (as `store` reads it), or a new one made with the run's
+        settings."""
+        if self._store is None and os.path.isfile(store_path(self.run_dir)):
+            self._store = UserStore(store_path(self.run_dir))
         return self._store if self._store is not None else self.open_store()
 
     def has_user(self, user_id: str) -> bool:
@@ -413,7 +420,7 @@ class PerFitModel:
                 if got is None:
                     continue
                 tensors_of, info = got
-                stored = self._writable_store().put_many(tensors_of, info, jobs)
+                stored = self.writable_store().put_many(tensors_of, info, jobs)
                 fault_point("stage2.group_stored")
                 self._drop_cached(info)
                 reports.update({u: info[u] for u in stored})

@@ -181,7 +181,7 @@ def open_model(exp: Experiment, backbone: Backbone | None = None) -> PerFitModel
 def _sibling_checkpoints(exp: Experiment) -> list[str]:
     """Stage-1 checkpoints of the other runs of this task (one may have the same stage-1 settings and data)."""
     here = os.path.abspath(os.path.join(exp.run_dir, CKPT))
-    found = glob.glob(os.path.join(os.path.dirname(os.path.abspath(exp.run_dir)), "*", CKPT, "config.json"))
+    found = glob.glob(os.path.join(os.path.dirname(os.path.abspath(exp.run_dir)), "*", CKPT, CKPT_TENSORS))
     dirs = {os.path.realpath(os.path.dirname(p)) for p in found}  # `latest` is a link to one of them
     return sorted(d for d in dirs if d != os.path.realpath(here))
 

@@ -126,7 +126,7 @@ class Engine:
         self.max_consecutive_failures = max_consecutive_failures
         self.on_fatal = on_fatal
         self.on_batch: Callable[[list[GenRequest]], None] | None = None  # sees each batch's requests (tests, tracing)
-        pm.open_store()  # opened (made if new) once, here: request threads and the worker share one in-memory index
+        pm.writable_store()  # opened (made if new) once, here: request threads and the worker share one in-memory index
         self._cv = threading.Condition()
         self._gen: deque[GenRequest] = deque()
         self._train: OrderedDict[str, str] = OrderedDict()  # user -> job id waiting to train (the items are in the store)
