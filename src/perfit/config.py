@@ -42,10 +42,14 @@ ARTIFACTS: dict[str, tuple[str, ...]] = {
 DATA = ("stage1_data", "test_data")
 
 
-def _f(default: Any, help: str, affects: tuple[str, ...], min: float | None = None, choices: tuple | None = None) -> Any:
+def _f(default: Any, help: str, affects: tuple[str, ...], min: float | None = None, choices: tuple | None = None,
+       run_override: bool = False) -> Any:
+    """A field: its help, what it affects, its bounds; `run_override`: it may change on a finished run (how the run's
+    model is loaded and run, which users and data it predicts for), never what the run trained or stored."""
     unknown = set(affects) - set(ARTIFACTS)
     assert not unknown, unknown
-    return field(default=default, metadata={"help": help, "affects": tuple(affects), "min": min, "choices": choices})
+    return field(default=default, metadata={"help": help, "affects": tuple(affects), "min": min, "choices": choices,
+                                            "run_override": run_override})
 
 
 PERSONALIZE_MODES = ("train", "instant", "instant+train")
@@ -60,20 +64,20 @@ PRESET_FALLBACKS = {"user_lr": 2e-3, "shift_init": "loreft", "early_stopping": 0
 @dataclass
 class RunConfig:
     task_name: str = _f("movie_tagging", "LaMP task: citation (LaMP-1), movie_tagging (2M), news_categorize (2N), product_rating (3), news_headline (4), scholarly_title (5) or tweet_paraphrase (7).", DATA)
-    data_dir: str = _f("", "Folder holding <task_name>/ in the per-user layout. Empty: generated data under output_dir/data.", DATA)
+    data_dir: str = _f("", "Folder holding <task_name>/ in the per-user layout. Empty: generated data under output_dir/data.", DATA, run_override=True)
     output_dir: str = _f("output", "Root of all outputs: <output_dir>/<task_name>/<run_dir_name>/.", ())
     run_dir_name: str = _f("", "Run folder name. Empty: derived from the settings (lr=..._ulr=..._il=..._pl=..._<hash of all settings that change results>).", ())
     model_name: str = _f("", "Name of the model in logs, run-dir names and results. Empty: the model's own (a GGUF file's general.name, a folder's name; smollm2-135m for the bundled model).", ())
     model_path: str = _f("", "Local Hugging Face folder or .gguf file. Empty: the bundled SmolLM2-135M-Instruct.", ("model",))
     preset: str = _f("auto", "Where settings left at -1 / empty come from: auto (the bundled model's tuned section, or for any other model the recipe that transfers, with depth-relative layers) or paper (the paper's presets for Llama-2-7B, as published).",
                  ("stage1", "stage2_only", "task_lora", "oppu"), choices=("auto", "paper"))
-    cuda_device: int = _f(0, "GPU index when CUDA is present; ignored (with a notice) on CPU-only machines.", (), min=0)
+    cuda_device: int = _f(0, "GPU index when CUDA is present; ignored (with a notice) on CPU-only machines.", (), min=0, run_override=True)
     dtype: str = _f("auto", "Backbone dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16 (float64: exact arithmetic, for checks).", ("model",),
-                    choices=DTYPES)
+                    choices=DTYPES, run_override=True)
     seed: int = _f(42, "Seed for initialisation, data order and generated data.", DATA)
     batch_size: int = _f(8, "Examples per optimisation step (stage 2: per user per step).",
                          ("stage1", "users", "stage2_only", "task_lora", "oppu"), min=1)
-    eval_batch_size: int = _f(32, "Queries per generation batch (users mixed freely).", (), min=1)
+    eval_batch_size: int = _f(32, "Queries per generation batch (users mixed freely).", (), min=1, run_override=True)
     low_rank_dimension: int = _f(-1, "Rank of the collective shift (LRank); 0: no collective shift. -1: task preset.",
                                  ("stage1", "stage2_only"), min=-1)
     user_low_rank_dimension: int = _f(-1, "Rank of each personal shift (ULRank). -1: task preset.", ("stage1", "stage2_only"), min=-1)
@@ -90,7 +94,7 @@ class RunConfig:
     early_stopping: int = _f(-1, "Stage 2: each user's last N history items become its validation set; the user's shift at its best validation loss is kept, and it stops after `patience` epochs without improvement (0: off; -1: preset, else off).",
                              ("users", "stage2_only"), min=-1)
     patience: int = _f(2, "Early stopping: epochs without a better validation loss before a user stops.", ("users", "stage2_only"), min=1)
-    max_users: int = _f(0, "Use only the first N test users (0: all). Each user's shift does not depend on the others.", ("predictions",), min=0)
+    max_users: int = _f(0, "Use only the first N test users (0: all). Each user's shift does not depend on the others.", ("predictions",), min=0, run_override=True)
     max_stage1_examples: int = _f(0, "Use at most N stage-1 examples, taken evenly across users (0: all).", ("stage1_data",), min=0)
     holdout: int = _f(0, "Tuning mode: each test user's last N history items become its queries and the rest its history; the real queries are never used. 0: off.", ("test_data",), min=0)
     max_history: int = _f(0, "Train each test user on at most their N latest history items (0: all).", ("test_data",), min=0)
@@ -318,9 +322,9 @@ class CompareConfig(RunConfig):
         return _hash({a: keys[a] for a in RECORD_INPUTS[method] + ("predictions",)})
 
 
-# what `perfit predict --run_dir` (PerFitModel.from_run's overrides) can change on a finished run: how its model is
-# loaded and run, and which test users and data it predicts for (users are checked to be trained on that history)
-RUN_OVERRIDES = ("dtype", "cuda_device", "eval_batch_size", "max_users", "data_dir")
+# what `perfit predict --run_dir` (PerFitModel.from_run's overrides) can change on a finished run: the fields declared
+# run_override (users are checked to be trained on the history of the data they predict for)
+RUN_OVERRIDES = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata["run_override"])
 
 
 def check_run_overrides(cfg, given: dict, where: str) -> dict:

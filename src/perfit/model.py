@@ -42,7 +42,7 @@ from .store import remove_files as remove_store_files
 from .tasks import get_task
 from .train import TrainStats
 from .train import stages
-from .train.exchange import pack, unpack
+from .train.exchange import deal_out, pack, unpack
 
 log = logging.getLogger("perfit")
 VARIANTS = ("zero_shot", "stage1", "perfit")
@@ -396,34 +396,31 @@ class PerFitModel:
         todo, size = list(histories), self.cfg.user_group_size
         groups = [todo[g: g + size] for g in range(0, len(todo), size)]
         reports: dict[str, dict] = {}
-        ranks, me = (dist.world(), dist.rank()) if dist.enabled() else (1, 0)
-        for first in range(0, len(groups), ranks):
-            k = first + me
-            done = None
-            if k < len(groups):
-                group = groups[k]
-                exs = {u: self.personal_examples(u, histories[u]) for u in group}
-                start, t0 = None, time.perf_counter()
-                if mode == "instant+train":
-                    start = self.instant_shifts(exs)
-                cfg = self.cfg if start is None else dataclasses.replace(self.cfg, max_epoch=self.cfg.warm_epochs)
-                done = stages.train_group(self.model, self.tok, cfg, collective, self.first, self.last, exs,
-                                          {u: len(histories[u]) for u in group},
-                                          f"{desc} users {k * size + 1}-{k * size + len(group)}/{len(todo)}",
-                                          self._train_kw(), start=start)
-                for u in group:
-                    done[1][u] |= {"mode": mode}
-                    if start is not None:  # the generator's pass counts in the user's cost
-                        done[1][u]["train_seconds"] = round((time.perf_counter() - t0) / len(group), 3)
-            for got in (dist.gather(pack(done)) or []) if ranks > 1 else [done]:
-                got = unpack(got) if ranks > 1 else got
-                if got is None:
-                    continue
-                tensors_of, info = got
-                stored = self.writable_store().put_many(tensors_of, info, jobs)
-                fault_point("stage2.group_stored")
-                self._drop_cached(info)
-                reports.update({u: info[u] for u in stored})
+
+        def train(k: int, group: list[str]):
+            exs = {u: self.personal_examples(u, histories[u]) for u in group}
+            start, t0 = None, time.perf_counter()
+            if mode == "instant+train":
+                start = self.instant_shifts(exs)
+            cfg = self.cfg if start is None else dataclasses.replace(self.cfg, max_epoch=self.cfg.warm_epochs)
+            done = stages.train_group(self.model, self.tok, cfg, collective, self.first, self.last, exs,
+                                      {u: len(histories[u]) for u in group},
+                                      f"{desc} users {k * size + 1}-{k * size + len(group)}/{len(todo)}",
+                                      self._train_kw(), start=start)
+            for u in group:
+                done[1][u] |= {"mode": mode}
+                if start is not None:  # the generator's pass counts in the user's cost
+                    done[1][u]["train_seconds"] = round((time.perf_counter() - t0) / len(group), 3)
+            return done
+
+        def store(got) -> None:
+            tensors_of, info = got
+            stored = self.writable_store().put_many(tensors_of, info, jobs)
+            fault_point("stage2.group_stored")
+            self._drop_cached(info)
+            reports.update({u: info[u] for u in stored})
+
+        deal_out(groups, train, store)  # under torchrun: groups dealt to the ranks, rank 0 stores them in order
         return reports
 
     def _personalize_instant(self, histories: dict[str, list[dict]], jobs: dict[str, str] | None,
