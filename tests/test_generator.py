@@ -310,3 +310,21 @@ def test_a_trainer_process_killed_mid_training_is_restarted_and_the_user_trained
     want = ref.personalize({"u": ITEMS}, mode="train")["u"]  # the same user id: the same data order
     got = pm.store.entry("u")
     assert got["epoch_losses"] == pytest.approx(want["epoch_losses"], abs=1e-12)
+
+
+def test_a_generator_saved_with_the_shifts_loads_and_gives_the_same_shifts(pm64, tmp_path):
+    """PerFitModel.save_pretrained writes the run's generator beside its shifts; from_pretrained gives it back with
+    what made it, generating the same W and b from the same profile (float64, exact)."""
+    from perfit.method import PerFitShifts
+
+    gen = _untrained(pm64)
+    _random_head(gen, seed=3)
+    pm64.set_generator(gen, {"generator_key": "k1"})
+    pm64.save_pretrained(str(tmp_path / "saved"), users=[])
+    got = PerFitShifts.from_pretrained(str(tmp_path / "saved"))
+    assert got.generator_meta == {"generator_key": "k1"} and got.users == {}
+    x = torch.randn(3, gen.spec.feature_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want, have = gen(x), got.generator(x)
+    for l in want:
+        for a, b in zip(want[l], have[l]):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -443,7 +443,8 @@ class PerFitModel:
         return PerFitConfig.from_run(self.cfg, self.info.hidden_size)
 
     def save_pretrained(self, folder: str, users: list[str] | None = None) -> list[str]:
-        """The collective shift, P0 and these users' stored shifts (None: every stored user) in a folder of their own
+        """The collective shift, P0, the shift generator (if the run has one) and these users' stored shifts (None:
+        every stored user) in a folder of their own
         (`perfit.method.io`: perfit_config.json + safetensors), loadable with `PerFitShifts.from_pretrained` in any
         process that has the base model. Returns the users saved; one not stored is an error."""
         collective = self._require_collective()
@@ -452,7 +453,7 @@ class PerFitModel:
         if missing:
             raise RunStateError(f"{self.run_dir}: user(s) {missing[:5]} have no stored shift to save")
         shifts = PerFitShifts(self.perfit_config(), collective, {u: self.store.get(u) for u in ids},
-                              {u: self.store.entry(u) for u in ids})
+                              {u: self.store.entry(u) for u in ids}, self.generator, self.generator_meta)
         shifts.save_pretrained(folder)
         return ids
 

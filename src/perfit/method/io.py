@@ -5,6 +5,7 @@
     <folder>/collective.safetensors    the collective shift and P0 (`Shifter.state_dict()`, one personal module)
     <folder>/users.safetensors         users' personal shifts: tensor `<i>.<key>` is user i's `<key>`
                                        (`shifts.user_tensor_names`); the metadata's "users" lists the ids in order
+    <folder>/generator.safetensors     the shift generator, if any (its spec and what made it in the metadata)
 
 User ids are data (in the metadata), never file names. Each tensors file is written to a temporary name and renamed,
 so a reader sees the old file or the new one. A stage-1 checkpoint in a run dir, `perfit store export` and `perfit
@@ -16,6 +17,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,9 +25,13 @@ from .shifts import Shifter, ShiftState, position_index
 from .bank import ShiftBank
 from .config import PerFitConfig
 
+if TYPE_CHECKING:
+    from .generator import ShiftGenerator
+
 CONFIG_NAME = "perfit_config.json"
 COLLECTIVE_NAME = "collective.safetensors"
 USERS_NAME = "users.safetensors"
+GENERATOR_NAME = "generator.safetensors"
 
 
 def _save_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -128,22 +134,31 @@ class PerFitShifts:
     collective: Shifter
     users: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     info: dict[str, dict] = field(default_factory=dict)
+    generator: "ShiftGenerator | None" = None  # the instant path (a user's history -> its shift), if trained
+    generator_meta: dict = field(default_factory=dict)
 
     def save_pretrained(self, folder: str) -> None:
         save_collective(folder, self.config, self.collective)
         if self.users:
             save_users(folder, self.config, self.users, self.info)
+        if self.generator is not None:
+            from .generator import save_generator  # (generator.py imports batching, which imports this package)
+
+            save_generator(os.path.join(folder, GENERATOR_NAME), self.generator, self.generator_meta, _save_atomic)
 
     @classmethod
     def from_pretrained(cls, folder: str, users: list[str] | None = None) -> "PerFitShifts":
         """`users`: load only these users' shifts (default: all saved, if any)."""
         sh, cfg, _ = load_collective(folder)
         got, info = ({}, {})
-        if users is None and not os.path.isfile(os.path.join(folder, USERS_NAME)):
-            return cls(cfg, sh)
-        if users is None or users:
+        if (users is None and os.path.isfile(os.path.join(folder, USERS_NAME))) or users:
             got, info, _ = load_users(folder, users)
-        return cls(cfg, sh, got, info)
+        gen, gen_meta = None, {}
+        if os.path.isfile(os.path.join(folder, GENERATOR_NAME)):
+            from .generator import load_generator
+
+            gen, gen_meta = load_generator(os.path.join(folder, GENERATOR_NAME))
+        return cls(cfg, sh, got, info, gen, gen_meta)
 
     def bank(self, device, capacity: int | None = None) -> ShiftBank:
         return ShiftBank(self.collective, device, capacity or max(len(self.users), 1))
@@ -201,5 +216,5 @@ def _cached_length(cache) -> int:
         return 0
 
 
-__all__ = ["CONFIG_NAME", "COLLECTIVE_NAME", "USERS_NAME", "PerFitShifts", "load_collective", "load_users",
+__all__ = ["CONFIG_NAME", "COLLECTIVE_NAME", "GENERATOR_NAME", "USERS_NAME", "PerFitShifts", "load_collective", "load_users",
            "on_prefill", "save_collective", "save_users"]
