@@ -7,11 +7,12 @@ shifts already on the device) through the same hook; the model's own forward is 
 
     python benchmarks/shift_path.py [--hidden 4096 --layers "14;15;16" --user_rank 4 --batch 32 --prompt_len 512]
 
-Last line: old_ms=<per prefill> bank_ms=<per prefill> ratio=<old / bank>
+Medians of --reps interleaved timings. Last line: old_ms=<per prefill> bank_ms=<per prefill> ratio=<old / bank>
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import os
 import sys
 
@@ -69,7 +70,9 @@ def main():
         for l in layers:
             shift_hook(bank, l)(None, None, out)
 
-    t_old, t_new = timed(old, dev, args.reps), timed(new, dev, args.reps)
+    timed(old, dev, 2), timed(new, dev, 2)  # warm-up
+    pairs = [(timed(old, dev, 1), timed(new, dev, 1)) for _ in range(args.reps)]  # interleaved: both see the same load
+    t_old, t_new = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"{name}, {args.dtype}: d={args.hidden}, layers {layers}, ranks {args.rank}/{args.user_rank}, {B} users x "
           f"{L} tokens (f{args.first}+l{args.last}): per prefill, earlier path {t_old * 1000:.2f} ms, bank "
