@@ -73,6 +73,18 @@ CORE = """
     res["generated"] = list(pm.generate(users, ["a heist movie", "a space opera"], max_new_tokens=4))
     res["generate_cli"] = cli("generate", "--run_dir", run, "--user_id", users[0], "--input", "a heist movie",
                               "--max_new_tokens", "4", "--device", "cpu")
+    # the library path: shifts saved, loaded with from_pretrained, on the Hugging Face model's own generate
+    from transformers import AutoModelForCausalLM
+    from perfit.method import PerFitShifts
+    pm.save_pretrained(os.path.join(d, "saved"), users[:1])
+    shifts = PerFitShifts.from_pretrained(os.path.join(d, "saved"))
+    hf = AutoModelForCausalLM.from_pretrained(model).eval()
+    ids = __import__("torch").tensor([pm.prompt_ids(["a heist movie"])[0]])
+    with shifts.applied(hf, users[:1]):
+        res["hf_generated"] = hf.generate(input_ids=ids, max_new_tokens=4, do_sample=False,
+                                          pad_token_id=pm.tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    from perfit.generate import Completion
+    res["pm_tokens"] = pm.complete([Completion(users[0], ids[0].tolist(), 4)])[0].tokens
     res["analyze"] = cli("analyze", "--run_dir", run, "--output_dir", os.path.join(d, "analysis"))
     res["analysis_files"] = sorted(os.listdir(os.path.join(d, "analysis")))
     res["serve"] = cli("serve", "--run_dir", run)
@@ -84,7 +96,8 @@ CORE = """
 
 
 def test_core_runs_without_the_extras(tmp_path):
-    """`perfit run`, generation through PerFitModel and `perfit generate`, and `perfit analyze` (its JSON; the plot is
+    """`perfit run`, generation through PerFitModel and `perfit generate`, shifts saved and loaded with
+    from_pretrained on the Hugging Face model's own generate, and `perfit analyze` (its JSON; the plot is
     skipped) work with none of the extras importable; `perfit serve` and `perfit tune` stop at once, naming their
     extra, with the CLI's one-line error and exit code 2."""
     p = run_blocked(CORE, str(tmp_path), cwd=str(tmp_path))
@@ -93,6 +106,7 @@ def test_core_runs_without_the_extras(tmp_path):
     assert rc == 0 and "movie_tagging: zero_shot" in out, err
     assert len(res["users"]) == 2 and len(res["generated"]) == 2
     assert all(isinstance(g, str) for g in res["generated"])
+    assert res["pm_tokens"] and res["hf_generated"][: len(res["pm_tokens"])] == res["pm_tokens"]  # from_pretrained + generate
     rc, out, err = res["generate_cli"]
     assert rc == 0 and out.strip() == res["generated"][0].strip(), (out, res["generated"], err)
     rc, out, err = res["analyze"]
