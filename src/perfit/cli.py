@@ -88,10 +88,11 @@ def _add_store_parsers(sub) -> None:
     p.add_argument("action", choices=["ls", "show", "export", "import", "verify"])
     p.add_argument("--run_dir", required=True)
     p.add_argument("--user_id", default="", help="show: the user to show.")
-    p.add_argument("--to", default="", help="export: a folder (one safetensors file per user + index.json).")
+    p.add_argument("--to", default="", help="export: a folder; every user's shift and record go into its "
+                                            "users.safetensors (the format of save_pretrained).")
     p.add_argument("--from", dest="source", default="",
-                   help="import: a folder in that layout (an export, or the users/ folder of a run made before the "
-                        "SQLite store).")
+                   help="import: a folder with a users.safetensors (an export, or a PerFitModel.save_pretrained "
+                        "folder) into a run without a store.")
     help = "remove everything stored about a user from a run (its shift and its record)"
     p = sub.add_parser("forget", help=help, description=help)
     p.add_argument("--run_dir", required=True)
