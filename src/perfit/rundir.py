@@ -83,7 +83,7 @@ def load_collective(ckpt_dir: str) -> tuple[Shifter, dict]:
     if not has_checkpoint(ckpt_dir):
         raise RunStateError(f"{ckpt_dir}: no stage-1 checkpoint; run `perfit stage1` (or `perfit run`) first")
     try:
-        sh, pc, extra = method_io.load_collective(ckpt_dir)
+        sh, _, extra = method_io.load_collective(ckpt_dir)
         meta = json.loads(extra["meta"])
     except (ValueError, KeyError) as e:
         raise RunStateError(f"{ckpt_dir}: not a stage-1 checkpoint ({type(e).__name__}: {e})") from None
@@ -92,10 +92,7 @@ def load_collective(ckpt_dir: str) -> tuple[Shifter, dict]:
 
 def load_collective_from(meta: dict, tensors: dict) -> tuple[Shifter, dict]:
     """The stage-1 shifter from its record and tensors (what torchrun ranks exchange)."""
-    pc = PerFitConfig.from_dict(meta["perfit_config"])
-    sh = Shifter(pc.hidden_size, pc.layers, pc.rank, pc.user_rank, 1, init=None)
-    sh.load_state_dict(tensors)
-    return sh, meta
+    return method_io.shifter_from(PerFitConfig.from_dict(meta["perfit_config"]), tensors, "stage-1 shifts"), meta
 
 
 def write_checkpoint(run_dir: str, sh: Shifter, meta: dict) -> None:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .shifts import Shifter, ShiftState, position_index
+from ..data import write_json_atomic
+from ..store import save_safetensors_atomic
 from .bank import ShiftBank
 from .config import PerFitConfig
 
@@ -34,23 +36,8 @@ USERS_NAME = "users.safetensors"
 GENERATOR_NAME = "generator.safetensors"
 
 
-def _save_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_config(folder: str, config: PerFitConfig) -> None:
-    tmp = os.path.join(folder, f".{CONFIG_NAME}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=1)
-    os.replace(tmp, os.path.join(folder, CONFIG_NAME))
+    write_json_atomic(os.path.join(folder, CONFIG_NAME), config.to_dict())
 
 
 def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -69,7 +56,7 @@ def _config_of(meta: dict[str, str], path: str) -> PerFitConfig:
 def save_collective(folder: str, config: PerFitConfig, collective: Shifter, extra: dict[str, str] | None = None) -> None:
     """The collective shift and P0 (`extra`: more metadata strings, e.g. the key of the run that made them)."""
     os.makedirs(folder, exist_ok=True)
-    _save_atomic(os.path.join(folder, COLLECTIVE_NAME), collective.state_dict(),
+    save_safetensors_atomic(os.path.join(folder, COLLECTIVE_NAME), collective.state_dict(),
                  {"perfit_config": config.to_json(), **(extra or {})})
     _write_config(folder, config)
 
@@ -81,13 +68,19 @@ def load_collective(folder: str) -> tuple[Shifter, PerFitConfig, dict[str, str]]
         raise FileNotFoundError(f"{folder}: no {COLLECTIVE_NAME} (save one with save_pretrained)")
     tensors, meta = _read(path)
     cfg = _config_of(meta, path)
+    return shifter_from(cfg, tensors, path), cfg, {k: v for k, v in meta.items() if k != "perfit_config"}
+
+
+def shifter_from(cfg: PerFitConfig, tensors: dict[str, torch.Tensor], where: str) -> Shifter:
+    """The one-user Shifter (collective shift and P0) that `cfg` describes, holding `tensors` in their own dtype
+    (float64 shifts stay float64)."""
     sh = Shifter(cfg.hidden_size, cfg.layers, cfg.rank, cfg.user_rank, 1, init=None)
-    sh = sh.to(next(iter(tensors.values())).dtype)  # as saved (float64 shifts stay float64)
+    sh = sh.to(next(iter(tensors.values())).dtype)
     try:
         sh.load_state_dict(tensors)
     except RuntimeError as e:
-        raise ValueError(f"{path}: its tensors do not match its perfit_config ({e})") from None
-    return sh, cfg, {k: v for k, v in meta.items() if k != "perfit_config"}
+        raise ValueError(f"{where}: its tensors do not match its perfit_config ({e})") from None
+    return sh
 
 
 def save_users(folder: str, config: PerFitConfig | None, users: dict[str, dict[str, torch.Tensor]],
@@ -99,7 +92,7 @@ def save_users(folder: str, config: PerFitConfig | None, users: dict[str, dict[s
     meta = {"users": json.dumps(ids), "info": json.dumps({u: (info or {}).get(u, {}) for u in ids}), **(extra or {})}
     if config is not None:
         meta["perfit_config"] = config.to_json()
-    _save_atomic(os.path.join(folder, USERS_NAME), tensors, meta)
+    save_safetensors_atomic(os.path.join(folder, USERS_NAME), tensors, meta)
     if config is not None:
         _write_config(folder, config)
 
@@ -144,7 +137,7 @@ class PerFitShifts:
         if self.generator is not None:
             from .generator import save_generator  # (generator.py imports batching, which imports this package)
 
-            save_generator(os.path.join(folder, GENERATOR_NAME), self.generator, self.generator_meta, _save_atomic)
+            save_generator(os.path.join(folder, GENERATOR_NAME), self.generator, self.generator_meta, save_safetensors_atomic)
 
     @classmethod
     def from_pretrained(cls, folder: str, users: list[str] | None = None) -> "PerFitShifts":
@@ -217,4 +210,4 @@ def _cached_length(cache) -> int:
 
 
 __all__ = ["CONFIG_NAME", "COLLECTIVE_NAME", "GENERATOR_NAME", "USERS_NAME", "PerFitShifts", "load_collective", "load_users",
-           "on_prefill", "save_collective", "save_users"]
+           "on_prefill", "save_collective", "save_users", "shifter_from"]
