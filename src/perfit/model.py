@@ -33,7 +33,7 @@ from .method.generator import ShiftGenerator, item_features, user_tensors
 from .rundir import (CKPT, CONFIG_FILE, GENERATOR, PARTIAL, PROMPTS_FILE, config_diff, has_checkpoint, load_collective,
                      load_partial, load_run_config, read_generator, resolve_for_model, save_partial, store_path,
                      write_checkpoint, write_generator)
-from .method.bank import ShiftBank
+from .method.bank import COLLECTIVE, ShiftBank
 from .method.config import PerFitConfig
 from .method.io import PerFitShifts, on_prefill
 from .method.shifts import Shifter
@@ -344,9 +344,8 @@ class PerFitModel:
     def writable_store(self) -> UserStore:
         """The run's user store to write to: the existing one (as `store` reads it), or a new one made with the run's
         settings."""
-        if self._store is None and os.path.isfile(store_path(self.run_dir)):
-            self._store = UserStore(store_path(self.run_dir))
-        return self._store if self._store is not None else self.open_store()
+        store = self.store
+        return self.open_store() if isinstance(store, NoStore) else store
 
     def has_user(self, user_id: str) -> bool:
         return user_id in self.store
@@ -465,14 +464,10 @@ class PerFitModel:
         once for the block."""
         bank = self._require_bank()
         shifts = self.resolve_users([u for u in user_ids if u is not None])
-        slots = {u: self._acquire(bank, u, shifts[u]) for u in shifts}
-        try:
-            with on_prefill(self.model, bank, torch.tensor([slots.get(u, 0) for u in user_ids], device=self.device),
-                            self.first, self.last):
+        with self._pinned(bank, shifts) as slots:
+            rows = torch.tensor([slots.get(u, COLLECTIVE) for u in user_ids], device=self.device)
+            with on_prefill(self.model, bank, rows, self.first, self.last):
                 yield self.model
-        finally:
-            for slot in slots.values():
-                bank.release(slot)
 
     def forget(self, user_id: str) -> bool:
         """Remove everything stored about a user (its shift, its record, its queued history); its next query gets the
@@ -506,12 +501,23 @@ class PerFitModel:
                 out[u] = (v, t)
         return out
 
-    def _acquire(self, bank: ShiftBank, user: str, shift: tuple[str, dict[str, torch.Tensor] | None] | None) -> int:
-        if shift is None:
-            return 0
-        version, tensors = shift
-        # a version held at resolve time may have been evicted by an earlier group since: read it again then
-        return bank.acquire(user, version, lambda: tensors if tensors is not None else self.store.get_version(user, version))
+    @contextlib.contextmanager
+    def _pinned(self, bank: ShiftBank, shifts: dict[str, tuple[str, dict[str, torch.Tensor] | None] | None]):
+        """{user: its bank slot} for these resolved users (`resolve_users`), pinned for the block."""
+        slots = {}
+        try:
+            for user, shift in shifts.items():
+                if shift is None:
+                    slots[user] = COLLECTIVE
+                    continue
+                version, tensors = shift
+                # a version held at resolve time may have been evicted by an earlier group since: read it again then
+                slots[user] = bank.acquire(user, version, lambda: tensors if tensors is not None
+                                           else self.store.get_version(user, version))
+            yield slots
+        finally:
+            for slot in slots.values():
+                bank.release(slot)
 
     def _require_bank(self) -> ShiftBank:
         self._require_collective()
@@ -571,17 +577,13 @@ class PerFitModel:
         per_row = {k: v for k, v in kw.items() if isinstance(v, list)}
         for g in range(0, len(users), self.cfg.user_group_size):
             group = users[g: g + self.cfg.user_group_size]
-            slot_of = {u: self._acquire(bank, u, shifts[u]) for u in group}
-            try:
+            with self._pinned(bank, {u: shifts[u] for u in group}) as slot_of:
                 rows = [i for i, u in enumerate(user_ids) if u in slot_of]
                 row_kw = kw | {k: [v[i] for i in rows] for k, v in per_row.items()}
                 with bank.attached(self.model):
                     got = greedy_generate(self.model, self.tok, [prompts[i] for i in rows], [slot_of[user_ids[i]] for i in rows],
                                           bank, first=self.first, last=self.last, **row_kw,
                                           on_token=None if on_token is None else (lambda j, t, rows=rows: on_token(rows[j], t)))
-            finally:
-                for slot in slot_of.values():
-                    bank.release(slot)
             for j, i in enumerate(rows):
                 out.texts[i], out.tokens[i], out.finish[i] = got.texts[j], got.tokens[j], got.finish[j]
         if unknown:
