@@ -70,7 +70,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT
 );
 """
-VERSION = "version"
 
 
 def history_digest(examples) -> str:
@@ -195,7 +194,7 @@ class UserStore:
         """The version id of the user's stored shift, None when it has none. It changes at every write of the shift
         and is never reused, so a cache keyed by it (a server's shifts, the vLLM plugin's device slots and prefix-cache
         keys) never serves a replaced or erased shift under a current key."""
-        row = self._db().execute(f"SELECT {VERSION} FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        row = self._db().execute("SELECT version FROM users WHERE user_id = ?", (user_id,)).fetchone()
         return None if row is None else row[0]
 
     def versions(self, user_ids) -> dict[str, str]:
@@ -204,20 +203,20 @@ class UserStore:
         out: dict[str, str] = {}
         for k in range(0, len(ids), 500):  # SQLite's bound on parameters
             part = ids[k: k + 500]
-            out.update(self._db().execute(f"SELECT user_id, {VERSION} FROM users WHERE user_id IN "
+            out.update(self._db().execute(f"SELECT user_id, version FROM users WHERE user_id IN "
                                           f"({','.join('?' * len(part))})", part).fetchall())
         return out
 
     def get_versioned(self, user_id: str) -> tuple[dict[str, torch.Tensor], str] | None:
         """The user's tensors and their version read together (one row), None when the user has no shift."""
-        row = self._db().execute(f"SELECT tensors, {VERSION} FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        row = self._db().execute("SELECT tensors, version FROM users WHERE user_id = ?", (user_id,)).fetchone()
         return None if row is None else (load(row[0]), row[1])
 
     def get_version(self, user_id: str, version: str) -> dict[str, torch.Tensor] | None:
         """The user's shift of exactly this version: the stored one, or one replaced less than RETIRED_KEEP_S ago;
         None when that version is gone (the user was erased, or retrained longer ago)."""
         db = self._db()
-        row = db.execute(f"SELECT tensors FROM users WHERE user_id = ? AND {VERSION} = ?", (user_id, version)).fetchone() \
+        row = db.execute("SELECT tensors FROM users WHERE user_id = ? AND version = ?", (user_id, version)).fetchone() \
             or db.execute("SELECT tensors FROM retired WHERE user_id = ? AND version = ?", (user_id, version)).fetchone()
         return None if row is None else load(row[0])
 
@@ -251,7 +250,7 @@ class UserStore:
                                else c.execute(f"DELETE FROM {q}", args).rowcount > 0)
                     if not current:
                         continue  # replaced by a newer post, or erased, while it trained
-                c.execute(f"INSERT OR REPLACE INTO retired SELECT {VERSION}, user_id, tensors, ? FROM users "
+                c.execute("INSERT OR REPLACE INTO retired SELECT version, user_id, tensors, ? FROM users "
                           "WHERE user_id = ?", (now, uid))
                 c.execute("INSERT OR REPLACE INTO users VALUES (?, ?, ?, ?, ?, ?)", row)
                 stored.append(uid)

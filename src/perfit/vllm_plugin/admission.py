@@ -1,6 +1,6 @@
 """The plugin's side that needs no vLLM: a request's admission (its user's shift version, fixed once), its prefix-cache
 keys, and which tokens of a flattened continuous batch the shifts act on. The shifts themselves sit in the one bank
-(`perfit.method.bank`) and are applied by the one hook (`perfit.shifts.shift_hook`) that generation uses too.
+(`perfit.method.bank`) and are applied by the one hook (`perfit.method.shifts.shift_hook`) that generation uses too.
 
 vLLM runs one flattened batch of tokens per step: each request contributes the tokens scheduled for it this step,
 at absolute positions [computed, computed + scheduled). A token is shifted when it is a prompt token (position < the
