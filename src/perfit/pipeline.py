@@ -26,6 +26,7 @@ from .rundir import CKPT, CKPT_TENSORS, GENERATOR, USERS, artifact_key, load_col
 from .batching import tokenize_examples
 from .prefix import can_splice, kv_shape
 from .prompts import Example, PromptBuilder
+from .train.cost import SAMPLE_EXAMPLES
 
 log = logging.getLogger("perfit")
 _warned: set[str] = set()
@@ -230,6 +231,9 @@ def _memory_limit(pm: PerFitModel) -> int:
     return int(plan.MEMORY_SHARE * (psutil.virtual_memory().available + psutil.Process().memory_info().rss))
 
 
+BUSY_CORES = 0.5  # other processes' load during the timed pass above which the plan says its estimate runs high
+
+
 def plan_run(exp: Experiment, pm: PerFitModel) -> tuple[Experiment, PerFitModel]:
     """Before any work: the run's plan (each stage's examples, tokens, steps, estimated time and peak memory, from a
     timed pass over a few of its own examples), printed; speed settings shrunk to fit the memory; and what does not
@@ -251,10 +255,14 @@ def plan_run(exp: Experiment, pm: PerFitModel) -> tuple[Experiment, PerFitModel]
             w, s1 = _workload(exp, pm)
             sample = s1 if not w.stage1_reused and s1 else [
                 exp.builder.history_example(it, u.user_id) for u in exp.data.test_users for it in u.profile]
-            # a short pass: 4 examples and 8 queries at the quantiles of their length
-            sample = plan.quantile_sample(sample, 4, lambda e: len(e.prompt))
+            # a short pass: a few examples and 8 queries at the quantiles of their length
+            sample = plan.quantile_sample(sample, SAMPLE_EXAMPLES, lambda e: len(e.prompt))
             inputs = plan.quantile_sample(exp.queries[2], min(8, c.eval_batch_size), len)
             rates = pm.measure_cost(sample, inputs) if sample else None
+            if rates is not None and rates.others_cpu > BUSY_CORES:
+                log.warning("plan: other processes kept %.1f cores busy while the run's cost was measured, so the estimate "
+                            "runs high and the budget may cut more than it needs; delete %s and run again on a quiet "
+                            "machine to plan again", rates.others_cpu, path)
             decision = {"budget_s": budget, "device": str(pm.device), "changes": {}, "cuts": [], "memory": []}
             if rates is not None:
                 rc = pm.cfg

@@ -20,15 +20,16 @@ T = TypeVar("T")
 MEMORY_SHARE = 0.85  # of the memory the process can use (free + its own) that a stage may plan to take
 
 # the order in which a run that does not fit is cut, each down to its floor: the zero_shot answers first (PerFit's
-# own rows do not use them), then stage 1 (the collective shift
-# is a few thousand parameters learned from many users; it saturates long before the personal shifts do), then the
-# oldest history, then stage-2 epochs (the personal signal itself, cut last). docs/performance.md#time-budget.
+# own rows do not use them), then stage-1 examples (the collective shift is a few thousand parameters learned from
+# many users), then the oldest history, then stage-2 epochs, and stage-1 epochs last: with a cached prefix an epoch
+# costs a few % of reading the examples once, so cutting them saves little, and a larger model's collective shift
+# needs them (Gemma 3 270M: one stage-1 epoch left it at 0.097 accuracy). docs/performance.md#the-plan-and-the-time-budget.
 CUTS: tuple[tuple[str, str], ...] = (
     ("zero_shot", "the zero_shot answers (the bare model's row)"),
     ("max_stage1_examples", "stage-1 examples, taken evenly across the stage-1 users"),
-    ("stage1_epochs", "stage-1 epochs"),
     ("max_history", "history items per test user, latest kept"),
     ("max_epoch", "stage-2 epochs"),
+    ("stage1_epochs", "stage-1 epochs"),
 )
 MEMORY_SETTINGS = ("rows_per_pass", "cache_max_bytes")  # what fit_memory may change (speed only)
 FLOORS = {"zero_shot": 0, "max_stage1_examples": 256, "stage1_epochs": 1, "max_history": 8, "max_epoch": 2}
@@ -98,6 +99,11 @@ def _steps(per_user: list[int], epochs: int, batch: int, group: int) -> int:
     return sum(max(sizes[g: g + group], default=0) for g in range(0, len(sizes), group))
 
 
+def _passes(n: int, batch: int, rows: int) -> int:
+    """Training passes an epoch over n examples, `batch` a step, at most `rows` rows a pass."""
+    return math.ceil(n / batch) * math.ceil(batch / max(rows, batch)) if n else 0
+
+
 def stages(cfg, w: Workload, r: Rates) -> list[dict]:
     """Each stage's plan under `cfg` (resolved): examples, mean prompt/target tokens, epochs, steps, seconds, peak bytes."""
     out = []
@@ -118,6 +124,7 @@ def stages(cfg, w: Workload, r: Rates) -> list[dict]:
                 "target_tokens": _mean(s1, 1), "epochs": cfg.stage1_epochs,
                 "steps": 0 if w.stage1_reused else _steps([len(s1)], cfg.stage1_epochs, cfg.batch_size, 1),
                 "seconds": 0.0 if w.stage1_reused else tok1 * (once1 + cfg.stage1_epochs * epoch1)
+                + cfg.stage1_epochs * _passes(len(s1), cfg.batch_size, cfg.rows_per_pass) * r.train_pass_s
                 + 2 * _tokens(s1[:: max(1, len(s1) // PROBE_EXAMPLES)][:PROBE_EXAMPLES]) * r.forward_token_s,  # the learning probe
                 "cache_bytes": 0 if w.stage1_reused else cache1, "cache_need": cache_need(w, s1), "cached": fits1,
                 "rows": cfg.batch_size,
@@ -145,6 +152,9 @@ def stages(cfg, w: Workload, r: Rates) -> list[dict]:
     once2, epoch2, cache2, fits2 = rates(biggest)
     if epochs:
         secs += sum(_tokens(rows) * (rates(rows)[0] + epochs * rates(rows)[1]) for rows in groups)
+        secs += epochs * r.train_pass_s * sum(max(_passes(len(u), cfg.batch_size, cfg.rows_per_pass) for u in users)
+                                              * math.ceil(len(users) * cfg.batch_size / cfg.rows_per_pass)
+                                              for users in (hist[g: g + group] for g in range(0, len(hist), group)))
         if cfg.early_stopping > 0:  # each user's validation items are scored once per epoch
             secs += sum(_tokens(u[-cfg.early_stopping:]) for u in hist) * epochs * r.forward_token_s
     rows = min(cfg.rows_per_pass, group * cfg.batch_size)

@@ -3,6 +3,7 @@ training (once per example: the frozen caches; every epoch: forward and backward
 generating one query, and the working memory of one training pass. `plan` turns these rates into a run's estimate."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from .loop import train_shifts
 
 @dataclass
 class Rates:
-    train_token_epoch_s: float  # one epoch of training, per token of the examples
+    train_token_epoch_s: float  # one epoch of training, per token of the examples (beside train_pass_s)
     train_token_once_s: float  # the frozen-state caches, once per token of the examples
     forward_token_s: float  # a forward pass with the shifts (generator features, validation), per token
     generate_query_s: float  # one query answered, in one batch of queries at the quantiles of the prompt length
@@ -28,6 +29,8 @@ class Rates:
     sample_examples: int
     sample_tokens: int
     seconds: float  # what measuring took
+    train_pass_s: float = 0.0  # one training pass (a step's rows, forward and backward) beside its tokens' cost
+    others_cpu: float = 0.0  # cores other processes kept busy while measuring (CPU); above ~0.5 the rates run high
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -77,11 +80,61 @@ class PeakMemory:
         return max(0, self.peak - self.base)
 
 
+class OthersCpu:
+    """Cores that other processes kept busy inside the block (machine-wide busy CPU time minus this process's),
+    so a plan timed beside another job says so instead of silently running high."""
+
+    def __enter__(self):
+        import psutil
+
+        self._t, self._all, self._own = time.perf_counter(), self._busy(psutil.cpu_times()), self._mine()
+        return self
+
+    @staticmethod
+    def _busy(t) -> float:
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    @staticmethod
+    def _mine() -> float:
+        import psutil
+
+        t = psutil.Process().cpu_times()
+        return t.user + t.system
+
+    def __exit__(self, *exc):
+        import psutil
+
+        wall = max(time.perf_counter() - self._t, 1e-9)
+        others = (self._busy(psutil.cpu_times()) - self._all) - (self._mine() - self._own)
+        self.cores = max(0.0, others / wall)
+
+
+SAMPLE_EXAMPLES = 16  # the timed pass's examples, at the quantiles of the prompt length: trained 16 and 8 rows a pass
+REPEATS = 3  # timed epochs, forwards and generation batches: the fastest counts, so a burst of other work does not
+
+
 def measure(model, tok, cfg, hidden_size: int, first: int, last: int, examples: list[Example], queries: list[list[int]],
             max_new_tokens: int, train_kw: dict) -> Rates:
-    """Rates from `examples` (a few of the run's own, one pass) trained for two epochs at the run's settings (the
-    first epoch pays the caches once, the second is a plain epoch), a forward pass over them, and one generation
-    batch of `queries` (prompt token ids)."""
+    """Rates from `examples` (SAMPLE_EXAMPLES of the run's own) trained at the run's settings for 1 + REPEATS epochs
+    in one pass a step and again in two (the first epoch pays the caches once; the fastest of the others is a plain
+    epoch; the two split an epoch into its tokens' cost and its passes'), the fastest of REPEATS forward passes over
+    them, and the fastest of two generation batches of `queries` (prompt token ids)."""
+    with OthersCpu() as others:
+        rates = _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_new_tokens, train_kw)
+    rates.others_cpu = round(others.cores, 2) if next(model.parameters()).device.type == "cpu" else 0.0
+    return rates
+
+
+def _fastest(fn, n: int) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_new_tokens, train_kw) -> Rates:
     t_start = time.perf_counter()
     device = next(model.parameters()).device
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
@@ -89,28 +142,40 @@ def measure(model, tok, cfg, hidden_size: int, first: int, last: int, examples: 
                  cfg.shift_init).to(device, dtype)
     ex = tokenize_examples(tok, examples, cfg.max_length)
     tokens = sum(len(e.ids) for e in ex)
-    marks: list[float] = []
     kw = dict(train_kw, disk_cache_dir="")  # the sample's states always fit in memory
-    with sh.attached(model):
-        # a forward first, untimed: the first pass pays one-time costs (allocations, kernels) a run pays once
-        mean_loss(model, sh, ex, tok.pad_token_id, first, last, max_rows=kw.get("max_rows", 32))
-        f0 = time.perf_counter()
-        mean_loss(model, sh, ex, tok.pad_token_id, first, last, max_rows=kw.get("max_rows", 32))
-        fwd = time.perf_counter() - f0
-        with PeakMemory(device) as mem:
+
+    def epochs_at(batch: int, mem: PeakMemory | None = None) -> tuple[float, float]:
+        """(first epoch's extra seconds: the caches, fastest plain epoch) training the sample `batch` rows a step."""
+        marks: list[float] = []
+        with mem or contextlib.nullcontext():
             t0 = time.perf_counter()
-            train_shifts(model, sh, ex, epochs=2, batch_size=len(ex), lr=cfg.lr, train_collective=True,
+            train_shifts(model, sh, ex, epochs=1 + REPEATS, batch_size=batch, lr=cfg.lr, train_collective=True,
                          pad_id=tok.pad_token_id, first=first, last=last, seed=cfg.seed, desc="measuring",
                          on_epoch=lambda _state: marks.append(time.perf_counter()), fault="", **kw)
             t1 = time.perf_counter()
-        t_mid = marks[0] if marks else t0 + (t1 - t0) / 2
-        epoch = max(t1 - t_mid, 1e-9)
-        once = max(t_mid - t0 - epoch, 0.0)
-    g0 = time.perf_counter()
+        # on_epoch marks every epoch's end but the last's, which is t1
+        ends = marks[-REPEATS:] + [t1] if len(marks) >= REPEATS else [t0 + (t1 - t0) * (k + 1) / (1 + REPEATS)
+                                                                        for k in range(1 + REPEATS)]
+        epoch = max(min(b - a for a, b in zip(ends, ends[1:])), 1e-9)
+        return max(ends[0] - t0 - epoch, 0.0), epoch
+
+    with sh.attached(model):
+        # a forward first, untimed: the first pass pays one-time costs (allocations, kernels) a run pays once
+        mean_loss(model, sh, ex, tok.pad_token_id, first, last, max_rows=kw.get("max_rows", 32))
+        fwd = _fastest(lambda: mean_loss(model, sh, ex, tok.pad_token_id, first, last, max_rows=kw.get("max_rows", 32)),
+                       REPEATS)
+        mem = PeakMemory(device)
+        once, whole = epochs_at(len(ex), mem)  # one pass an epoch
+        # two passes an epoch over the same tokens: the difference is what a pass costs beside its tokens, so a run's
+        # stage is estimated at its own rows a pass (a pass of 4 rows costs twice a pass of 32's per token on a CPU)
+        halves = epochs_at(max(len(ex) // 2, 1))[1] if len(ex) > 1 else whole
+        pass_s = min(max(halves - whole, 0.0), whole)
+        epoch = max(whole - pass_s, 1e-9)
+    gen = 0.0
     if queries:  # one batch, as the run answers them (sorted by length, little padding)
-        greedy_generate(model, tok, queries, max_new_tokens=max_new_tokens, batch_size=len(queries), desc="measuring")
-    gen = (time.perf_counter() - g0) / max(len(queries), 1)
+        gen = _fastest(lambda: greedy_generate(model, tok, queries, max_new_tokens=max_new_tokens, batch_size=len(queries),
+                                               desc="measuring"), 2) / len(queries)
     row_tokens = len(ex) * max(len(e.ids) for e in ex)  # the sample's one pass, padded to its longest row
-    return Rates(train_token_epoch_s=epoch / tokens, train_token_once_s=once / tokens, forward_token_s=fwd / tokens,
+    return Rates(train_token_epoch_s=epoch / tokens, train_pass_s=pass_s, train_token_once_s=once / tokens, forward_token_s=fwd / tokens,
                  generate_query_s=gen, pass_bytes_per_row_token=mem.delta / max(row_tokens, 1), base_bytes=mem.base,
                  sample_examples=len(ex), sample_tokens=tokens, seconds=time.perf_counter() - t_start)
