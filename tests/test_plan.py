@@ -3,6 +3,7 @@ run that fits left exactly as it was."""
 import dataclasses
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -109,6 +110,21 @@ def test_estimate_within_a_factor_of_three_of_the_measured_training(tiny_model_d
                              pad_id=pm.tok.pad_token_id, first=pm.first, last=pm.last)
     assert stats.seconds > 0.2, "too little work to time"
     assert 1 / 3 <= predicted / stats.seconds <= 3, (predicted, stats.seconds)
+
+
+def test_predictions_estimate_within_a_factor_of_three_at_the_runs_batch_size(tiny_model_dir, data, tmp_path):
+    """Queries answered in one batch and in two predict answering many more in batches of --eval_batch_size."""
+    exp = pipeline.prepare(run_cfg(tiny_model_dir, data, str(tmp_path), eval_batch_size=4))
+    pm = pipeline.open_model(exp)
+    examples = pipeline.scan_training_data(exp, collect=True)
+    inputs = [f"a query about film number {k} " * (1 + k % 5) for k in range(48)]
+    rates = pm.measure_cost(examples[:4], plan.quantile_sample(inputs, 8, len))
+    predicted = len(inputs) * rates.generate_query_s + math.ceil(len(inputs) / 4) * rates.generate_batch_s
+    t0 = time.perf_counter()
+    pm.generate(["u"] * len(inputs), inputs, variant="zero_shot")
+    took = time.perf_counter() - t0
+    assert took > 0.2, "too little work to time"
+    assert 1 / 3 <= predicted / took <= 3, (predicted, took, rates)
 
 
 def _measured(tiny_model_dir, data, tmp_path):

@@ -164,7 +164,8 @@ def stages(cfg, w: Workload, r: Rates) -> list[dict]:
                 "seconds": secs, "cache_bytes": cache2, "cache_need": cache_need(w, biggest), "cached": fits2, "rows": rows, "pass_bytes": passes(rows, ex2) if epochs else 0})
     variants = 2 + cfg.zero_shot
     out.append({"stage": "predictions", "queries": w.queries, "variants": variants,
-                "seconds": variants * w.queries * r.generate_query_s,
+                "seconds": variants * (w.queries * r.generate_query_s
+                                       + math.ceil(w.queries / cfg.eval_batch_size) * r.generate_batch_s),
                 "cache_bytes": 0, "rows": 0, "pass_bytes": 0})
     for s in out:
         s["seconds"] = round(s["seconds"], 1)

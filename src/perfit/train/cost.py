@@ -4,6 +4,7 @@ generating one query, and the working memory of one training pass. `plan` turns 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -23,12 +24,13 @@ class Rates:
     train_token_epoch_s: float  # one epoch of training, per token of the examples (beside train_pass_s)
     train_token_once_s: float  # the frozen-state caches, once per token of the examples
     forward_token_s: float  # a forward pass with the shifts (generator features, validation), per token
-    generate_query_s: float  # one query answered, in one batch of queries at the quantiles of the prompt length
+    generate_query_s: float  # one query answered (beside generate_batch_s), queries at the quantiles of the prompt length
     pass_bytes_per_row_token: float  # working memory of a training pass, per row and padded token
     base_bytes: int  # the process's memory (CPU: resident set; GPU: allocated) before the work
     sample_examples: int
     sample_tokens: int
     seconds: float  # what measuring took
+    generate_batch_s: float = 0.0  # one generation batch beside its queries' cost
     train_pass_s: float = 0.0  # one training pass (a step's rows, forward and backward) beside its tokens' cost
     others_cpu: float = 0.0  # cores other processes kept busy while measuring (CPU); above ~0.5 the rates run high
 
@@ -118,7 +120,7 @@ def measure(model, tok, cfg, hidden_size: int, first: int, last: int, examples: 
     """Rates from `examples` (SAMPLE_EXAMPLES of the run's own) trained at the run's settings for 1 + REPEATS epochs
     in one pass a step and again in two (the first epoch pays the caches once; the fastest of the others is a plain
     epoch; the two split an epoch into its tokens' cost and its passes'), the fastest of REPEATS forward passes over
-    them, and the fastest of two generation batches of `queries` (prompt token ids)."""
+    them, and `queries` (prompt token ids) answered in one batch and in two (fastest of two each)."""
     with OthersCpu() as others:
         rates = _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_new_tokens, train_kw)
     rates.others_cpu = round(others.cores, 2) if next(model.parameters()).device.type == "cpu" else 0.0
@@ -171,11 +173,16 @@ def _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_n
         halves = epochs_at(max(len(ex) // 2, 1))[1] if len(ex) > 1 else whole
         pass_s = min(max(halves - whole, 0.0), whole)
         epoch = max(whole - pass_s, 1e-9)
-    gen = 0.0
-    if queries:  # one batch, as the run answers them (sorted by length, little padding)
-        gen = _fastest(lambda: greedy_generate(model, tok, queries, max_new_tokens=max_new_tokens, batch_size=len(queries),
-                                               desc="measuring"), 2) / len(queries)
+    gen = gen_batch = 0.0
+    if queries:  # in one batch and in two (as the run answers them: sorted by length, little padding); the difference
+        # is what a batch costs beside its queries, so the predictions are estimated at the run's --eval_batch_size
+        def answer(batch: int) -> float:
+            return _fastest(lambda: greedy_generate(model, tok, queries, max_new_tokens=max_new_tokens, batch_size=batch,
+                                                    desc="measuring"), 2)
+        one = answer(len(queries))
+        gen_batch = min(max(answer(math.ceil(len(queries) / 2)) - one, 0.0), one) if len(queries) > 1 else 0.0
+        gen = (one - gen_batch) / len(queries)
     row_tokens = len(ex) * max(len(e.ids) for e in ex)  # the sample's one pass, padded to its longest row
     return Rates(train_token_epoch_s=epoch / tokens, train_pass_s=pass_s, train_token_once_s=once / tokens, forward_token_s=fwd / tokens,
-                 generate_query_s=gen, pass_bytes_per_row_token=mem.delta / max(row_tokens, 1), base_bytes=mem.base,
+                 generate_query_s=gen, generate_batch_s=gen_batch, pass_bytes_per_row_token=mem.delta / max(row_tokens, 1), base_bytes=mem.base,
                  sample_examples=len(ex), sample_tokens=tokens, seconds=time.perf_counter() - t_start)
