@@ -112,15 +112,17 @@ class OthersCpu:
 
 
 SAMPLE_EXAMPLES = 16  # the timed pass's examples, at the quantiles of the prompt length: trained 16 and 8 rows a pass
-REPEATS = 3  # timed epochs, forwards and generation batches: the fastest counts, so a burst of other work does not
+SAMPLE_TOKENS = 2048  # ... halved (every other, down to 4) while over this many tokens: long prompts cost the plan
+REPEATS = 3  # timed epochs (forwards: 2): the fastest counts, so a burst of other work does not
 
 
 def measure(model, tok, cfg, hidden_size: int, first: int, last: int, examples: list[Example], queries: list[list[int]],
             max_new_tokens: int, train_kw: dict) -> Rates:
-    """Rates from `examples` (SAMPLE_EXAMPLES of the run's own) trained at the run's settings for 1 + REPEATS epochs
-    in one pass a step and again in two (the first epoch pays the caches once; the fastest of the others is a plain
-    epoch; the two split an epoch into its tokens' cost and its passes'), the fastest of REPEATS forward passes over
-    them, and `queries` (prompt token ids) answered in one batch and in two (fastest of two each)."""
+    """Rates from `examples` (SAMPLE_EXAMPLES of the run's own, fewer past SAMPLE_TOKENS) trained at the run's
+    settings for 1 + REPEATS epochs in one pass a step and again in two (the first epoch pays the caches once; the
+    fastest of the others is a plain epoch; the two split an epoch into its tokens' cost and its passes'), the
+    faster of two forward passes over them, and `queries` (prompt token ids; half of them past SAMPLE_TOKENS)
+    answered in one batch and in two."""
     with OthersCpu() as others:
         rates = _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_new_tokens, train_kw)
     rates.others_cpu = round(others.cores, 2) if next(model.parameters()).device.type == "cpu" else 0.0
@@ -143,6 +145,9 @@ def _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_n
     sh = Shifter(hidden_size, cfg.layers, cfg.low_rank_dimension, cfg.user_low_rank_dimension, 1, cfg.seed,
                  cfg.shift_init).to(device, dtype)
     ex = tokenize_examples(tok, examples, cfg.max_length)
+    while len(ex) > 4 and sum(len(e.ids) for e in ex) > SAMPLE_TOKENS:
+        ex = ex[1::2]  # the sample is in length order: every other keeps its spread
+    queries = queries if sum(map(len, queries)) <= SAMPLE_TOKENS else queries[1::2]
     tokens = sum(len(e.ids) for e in ex)
     kw = dict(train_kw, disk_cache_dir="")  # the sample's states always fit in memory
 
@@ -164,8 +169,7 @@ def _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_n
     with sh.attached(model):
         # a forward first, untimed: the first pass pays one-time costs (allocations, kernels) a run pays once
         mean_loss(model, sh, ex, tok.pad_token_id, first, last, max_rows=kw.get("max_rows", 32))
-        fwd = _fastest(lambda: mean_loss(model, sh, ex, tok.pad_token_id, first, last, max_rows=kw.get("max_rows", 32)),
-                       REPEATS)
+        fwd = _fastest(lambda: mean_loss(model, sh, ex, tok.pad_token_id, first, last, max_rows=kw.get("max_rows", 32)), 2)
         mem = PeakMemory(device)
         once, whole = epochs_at(len(ex), mem)  # one pass an epoch
         # two passes an epoch over the same tokens: the difference is what a pass costs beside its tokens, so a run's
@@ -178,7 +182,7 @@ def _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_n
         # is what a batch costs beside its queries, so the predictions are estimated at the run's --eval_batch_size
         def answer(batch: int) -> float:
             return _fastest(lambda: greedy_generate(model, tok, queries, max_new_tokens=max_new_tokens, batch_size=batch,
-                                                    desc="measuring"), 2)
+                                                    desc="measuring"), 1)
         one = answer(len(queries))
         gen_batch = min(max(answer(math.ceil(len(queries) / 2)) - one, 0.0), one) if len(queries) > 1 else 0.0
         gen = (one - gen_batch) / len(queries)
