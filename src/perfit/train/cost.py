@@ -145,9 +145,12 @@ def _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_n
     sh = Shifter(hidden_size, cfg.layers, cfg.low_rank_dimension, cfg.user_low_rank_dimension, 1, cfg.seed,
                  cfg.shift_init).to(device, dtype)
     ex = tokenize_examples(tok, examples, cfg.max_length)
-    while len(ex) > 4 and sum(len(e.ids) for e in ex) > SAMPLE_TOKENS:
-        ex = ex[1::2]  # the sample is in length order: every other keeps its spread
-    queries = queries if sum(map(len, queries)) <= SAMPLE_TOKENS else queries[1::2]
+    full, m = ex, len(ex)
+    while m > 4 and sum(len(e.ids) for e in ex) > SAMPLE_TOKENS:
+        m //= 2  # the sample is in length order: the middles of m equal slices keep its spread (not its long end)
+        ex = [full[(2 * k + 1) * len(full) // (2 * m)] for k in range(m)]
+    if len(queries) > 1 and sum(map(len, queries)) > SAMPLE_TOKENS:
+        queries = [queries[(2 * k + 1) * len(queries) // (2 * (len(queries) // 2))] for k in range(len(queries) // 2)]
     tokens = sum(len(e.ids) for e in ex)
     kw = dict(train_kw, disk_cache_dir="")  # the sample's states always fit in memory
 
