@@ -186,6 +186,9 @@ def _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_n
         def answer(batch: int) -> float:
             return _fastest(lambda: greedy_generate(model, tok, queries, max_new_tokens=max_new_tokens, batch_size=batch,
                                                     desc="measuring"), 1)
+        # untimed first: the process's first generation pays one-time costs (seen: Gemma's one batch timed slower
+        # than the same queries in two after it, so no per-batch cost was found and each query cost 2.7x the run's)
+        greedy_generate(model, tok, queries[:2], max_new_tokens=max_new_tokens, batch_size=2, desc="measuring")
         one = answer(len(queries))
         gen_batch = min(max(answer(math.ceil(len(queries) / 2)) - one, 0.0), one) if len(queries) > 1 else 0.0
         gen = (one - gen_batch) / len(queries)
