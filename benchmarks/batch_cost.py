@@ -19,16 +19,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # one bar per generate call would dr
 import torch  # noqa: E402
 
 from perfit import PerFitModel, pipeline  # noqa: E402
+from perfit.train.cost import fastest  # noqa: E402
 
 
 def best(fn, repeats: int = 2) -> float:
     fn()  # warm-up
-    out = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t0)
-    return out
+    return fastest(fn, repeats)
 
 
 def main():

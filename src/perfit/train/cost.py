@@ -129,7 +129,8 @@ def measure(model, tok, cfg, hidden_size: int, first: int, last: int, examples: 
     return rates
 
 
-def _fastest(fn, n: int) -> float:
+def fastest(fn, n: int) -> float:
+    """The shortest of n timed calls of fn, in seconds."""
     best = float("inf")
     for _ in range(n):
         t0 = time.perf_counter()
@@ -172,7 +173,7 @@ def _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_n
     with sh.attached(model):
         # a forward first, untimed: the first pass pays one-time costs (allocations, kernels) a run pays once
         mean_loss(model, sh, ex, tok.pad_token_id, first, last, max_rows=kw.get("max_rows", 32))
-        fwd = _fastest(lambda: mean_loss(model, sh, ex, tok.pad_token_id, first, last, max_rows=kw.get("max_rows", 32)), 2)
+        fwd = fastest(lambda: mean_loss(model, sh, ex, tok.pad_token_id, first, last, max_rows=kw.get("max_rows", 32)), 2)
         mem = PeakMemory(device)
         once, whole = epochs_at(len(ex), mem)  # one pass an epoch
         # two passes an epoch over the same tokens: the difference is what a pass costs beside its tokens, so a run's
@@ -184,7 +185,7 @@ def _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_n
     if queries:  # in one batch and in two (as the run answers them: sorted by length, little padding); the difference
         # is what a batch costs beside its queries, so the predictions are estimated at the run's --eval_batch_size
         def answer(batch: int) -> float:
-            return _fastest(lambda: greedy_generate(model, tok, queries, max_new_tokens=max_new_tokens, batch_size=batch,
+            return fastest(lambda: greedy_generate(model, tok, queries, max_new_tokens=max_new_tokens, batch_size=batch,
                                                     desc="measuring"), 1)
         # untimed first: the process's first generation pays one-time costs (seen: Gemma's one batch timed slower
         # than the same queries in two after it, so no per-batch cost was found and each query cost 2.7x the run's)
