@@ -4,7 +4,8 @@ score (what greedy decoding answers when its first token is the scores' common p
 that minimises the expected absolute error, so MAE, if the distribution is calibrated) and the rounded mean score.
 A ceiling for what a personal shift could add to stage 1 here: stage 1's distribution times the user's own score
 frequencies (add-one smoothed) over the stage-1 users' (Bayes' rule for p(score | review, user) if the review and the
-user were independent given the score), read by its median. Beside them the user's most frequent score over its whole history (less the held-out items); MAE of each and paired differences.
+user were independent given the score), read by its median. Beside them the user's most frequent score over the history the run held (after its --max_history or --holdout);
+MAE of each and paired differences.
 
     python benchmarks/rating_readout.py RUN_DIR [--batch 8]
 
