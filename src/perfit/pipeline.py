@@ -53,6 +53,8 @@ class Experiment:
     fingerprints: dict
     timings: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)  # what plan_run estimated and decided; results.json keeps it
+    # when the command began (prepare): loading the model and planning come before the stages and count against the budget
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def queries(self) -> tuple[list[str], list[str], list[str]]:
@@ -264,10 +266,12 @@ def plan_run(exp: Experiment, pm: PerFitModel) -> tuple[Experiment, PerFitModel]
                             "runs high and the budget may cut more than it needs; delete %s and run again on a quiet "
                             "machine to plan again", rates.others_cpu, path)
             decision = {"budget_s": budget, "device": str(pm.device), "changes": {}, "cuts": [], "memory": []}
+            spent = time.perf_counter() - exp.started
+            decision["spent_before_stages_s"] = round(spent, 1)
             if rates is not None:
                 rc = pm.cfg
                 limit = _memory_limit(pm)
-                cut, cuts = plan.fit_budget(rc, w, rates, budget, limit)
+                cut, cuts = plan.fit_budget(rc, w, rates, None if budget is None else max(budget - spent, 0.0), limit)
                 rc2 = plan.fit_memory(rc, w, rates, limit)[0]  # the uncut run, for the record
                 rc3, memory = plan.fit_memory(cut, w, rates, limit)
                 knobs = [k for k, _ in plan.CUTS] + list(plan.MEMORY_SETTINGS)
@@ -279,16 +283,19 @@ def plan_run(exp: Experiment, pm: PerFitModel) -> tuple[Experiment, PerFitModel]
                              "planning_s": round(time.perf_counter() - t0, 1)}
             write_json_atomic(path, decision)
         if decision.get("stages"):
-            log.info("%s", plan.describe(decision["stages"], budget, decision["device"]))
+            log.info("%s", plan.describe(decision["stages"], budget, decision["device"],
+                                         decision.get("spent_before_stages_s", 0.0)))
         for m in decision.get("memory", []):
             log.warning("plan: --%s %s -> %s so %s (results do not depend on it)", m["setting"], m["from"], m["to"],
                         m.get("why", "the peak fits this machine's memory"))
         for k in decision.get("cuts", []):
             log.warning("time budget: %s cut from %s to %s (estimate %s -> %s); to keep them: %s", k["what"], k["from"],
                         k["to"], plan.duration(k["estimate_before_s"]), plan.duration(k["estimate_after_s"]), k["lift"])
-        if budget is not None and decision.get("estimate_s", 0) > budget:
-            log.warning("time budget: the run is estimated at %s even with every cut at its floor, over the budget of %s",
-                        plan.duration(decision["estimate_s"]), plan.duration(budget))
+        spent = decision.get("spent_before_stages_s", 0.0)
+        if budget is not None and decision.get("estimate_s", 0) + spent > budget:
+            log.warning("time budget: the run is estimated at %s even with every cut at its floor (%s of it loading and "
+                        "planning), over the budget of %s", plan.duration(decision["estimate_s"] + spent),
+                        plan.duration(spent), plan.duration(budget))
     decision = dist.broadcast(decision)
     exp.plan = decision
     if not decision["changes"]:

@@ -253,8 +253,8 @@ def fit_memory(cfg, w: Workload, r: Rates, limit: int | None) -> tuple[object, l
     return cfg, changes
 
 
-def describe(plan: list[dict], budget: float | None, device: str) -> str:
-    """The plan as the log prints it."""
+def describe(plan: list[dict], budget: float | None, device: str, spent: float = 0.0) -> str:
+    """The plan as the log prints it; `spent`: seconds the command took before its stages (loading, planning)."""
     lines = [f"plan on {device} (estimated from a timed pass over the run's own examples):"]
     for s in plan:
         if s.get("reused") or s.get("users") == 0:
@@ -269,5 +269,6 @@ def describe(plan: list[dict], budget: float | None, device: str) -> str:
                     f"{s['epochs']} epochs, {s['steps']} steps")
         lines.append(f"  {s['stage']}: {what}: ~{duration(s['seconds'])}, peak ~{s['peak_bytes'] / 2**30:.1f} GiB")
     t = total_seconds(plan)
-    lines.append(f"  total ~{duration(t)}" + ("" if budget is None else f" (time budget {duration(budget)})"))
+    lines.append(f"  total ~{duration(t + spent)}, {duration(spent)} of it loading and planning"
+                 + ("" if budget is None else f" (time budget {duration(budget)})"))
     return "\n".join(lines)
