@@ -282,16 +282,15 @@ def plan_run(exp: Experiment, pm: PerFitModel) -> tuple[Experiment, PerFitModel]
                              "estimate_s": round(plan.total_seconds(planned), 1),
                              "planning_s": round(time.perf_counter() - t0, 1)}
             write_json_atomic(path, decision)
+        spent = decision.get("spent_before_stages_s", 0.0)  # as decided (a replayed decision keeps its own)
         if decision.get("stages"):
-            log.info("%s", plan.describe(decision["stages"], budget, decision["device"],
-                                         decision.get("spent_before_stages_s", 0.0)))
+            log.info("%s", plan.describe(decision["stages"], budget, decision["device"], spent))
         for m in decision.get("memory", []):
             log.warning("plan: --%s %s -> %s so %s (results do not depend on it)", m["setting"], m["from"], m["to"],
                         m.get("why", "the peak fits this machine's memory"))
         for k in decision.get("cuts", []):
             log.warning("time budget: %s cut from %s to %s (estimate %s -> %s); to keep them: %s", k["what"], k["from"],
                         k["to"], plan.duration(k["estimate_before_s"]), plan.duration(k["estimate_after_s"]), k["lift"])
-        spent = decision.get("spent_before_stages_s", 0.0)
         if budget is not None and decision.get("estimate_s", 0) + spent > budget:
             log.warning("time budget: the run is estimated at %s even with every cut at its floor (%s of it loading and "
                         "planning), over the budget of %s", plan.duration(decision["estimate_s"] + spent),
