@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 
 import torch
 
-from perfit import pipeline
+from perfit import metrics, pipeline
 from perfit.baselines.retrieval import most_frequent
 from perfit.model import PerFitModel
 from perfit.rundir import load_run_config
@@ -68,13 +67,6 @@ def readouts(p, values):
             "mean": (p * v).sum(-1).round()}
 
 
-def paired(a, b):
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    m = sum(d) / n
-    return m, math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
@@ -89,9 +81,13 @@ def main():
     values = [float(x) for x in labels]
     head, last_ids = label_tokens(pm.tok, labels)
     qs = [(u, q) for u in exp.data.test_users for q in u.query]
-    golds = [float(exp.golds[q.id]) for _, q in qs]
-    majority = [float(most_frequent(pm.task, u.profile)) for u, _ in qs]  # over the whole history the run held
-    err = {"most_frequent": [abs(m - g) for m, g in zip(majority, golds)]}
+    golds = exp.golds
+    ids = [q.id for _, q in qs]
+    # each readout's answers as the run's predictions are kept: {query id: answer}, scored by perfit.metrics
+    preds = {"most_frequent": {q.id: most_frequent(pm.task, u.profile) for u, q in qs}}
+
+    def answers(values_per_query):
+        return {i: f"{float(x):g}" for i, x in zip(ids, values_per_query)}
 
     def freq(items):
         return torch.tensor([1.0 + sum(str(it["score"]) == lab for it in items) for lab in labels])
@@ -99,7 +95,7 @@ def main():
     with open(os.path.join(cfg.data_dir or os.path.join(cfg.output_dir, "data"), pm.task.name, "user_others.json")) as f:
         base = freq([it for u in json.load(f) for it in u["profile"]])
     base = base / base.sum()
-    user_prior = torch.stack([freq(u.profile) / freq(u.profile).sum() for u, _ in qs])
+    user_prior = torch.stack([f / f.sum() for f in (freq(u.profile) for u, _ in qs)])
     for variant in ("stage1", "perfit"):
         ps, mass = [], []
         for s in range(0, len(qs), a.batch):
@@ -112,20 +108,20 @@ def main():
         print(f"{variant}: the scores hold {mass.mean():.3f} of the next-token mass on average (min {mass.min():.3f}); "
               f"mean distribution {[round(x, 3) for x in p.mean(0).tolist()]}")
         for k, pred in readouts(p, values).items():
-            err[f"{variant}_{k}"] = [abs(float(x) - g) for x, g in zip(pred, golds)]
+            preds[f"{variant}_{k}"] = answers(pred)
         if variant == "stage1":
             b = p * user_prior / base
-            pred = readouts(b / b.sum(-1, keepdim=True), values)["median"]
-            err["stage1_x_user_median"] = [abs(float(x) - g) for x, g in zip(pred, golds)]
-    n = len(golds)
-    print(f"{n} queries, golds {dict(sorted(((x, golds.count(x)) for x in set(golds))))}")
-    for k, e in err.items():
-        print(f"{k:16s} MAE {sum(e) / n:.3f}  RMSE {math.sqrt(sum(x * x for x in e) / n):.3f}")
+            preds["stage1_x_user_median"] = answers(readouts(b / b.sum(-1, keepdim=True), values)["median"])
+    gold_values = [float(golds[i]) for i in ids]
+    print(f"{len(ids)} queries, golds {dict(sorted(((x, gold_values.count(x)) for x in set(gold_values))))}")
+    for k, pred in preds.items():
+        m = metrics.rating_metrics(pm.task, golds, pred)
+        print(f"{k:16s} MAE {m['mae']:.3f}  RMSE {m['rmse']:.3f}")
     for x, y in (("perfit_argmax", "most_frequent"), ("perfit_median", "most_frequent"), ("perfit_mean", "most_frequent"),
                  ("perfit_median", "perfit_argmax"), ("perfit_median", "stage1_median"), ("stage1_median", "stage1_argmax"),
                  ("stage1_x_user_median", "most_frequent")):
-        m, se = paired(err[x], err[y])
-        print(f"{x} - {y}: {m:+.3f} ± {se:.3f} (MAE, paired)")
+        d = metrics.paired_difference(pm.task, golds, preds[x], preds[y])
+        print(f"{x} - {y}: {d['diff']:+.3f} ± {d['se']:.3f} (MAE, paired)")
 
 
 if __name__ == "__main__":
