@@ -1,7 +1,8 @@
 """A finished run of a classification task (movie_tagging, news_categorize, ...) against each user's own baseline,
 query by query: the user's most frequent label over its whole history (user_majority, also where a time budget
-trained the shift on fewer items), beside the run's stage1 and perfit
-answers; accuracy of each and the paired accuracy differences with their standard errors.
+trained the shift on fewer items; a --holdout run's history without its held-out items), beside the run's stage1
+and perfit answers; accuracy of each and the paired accuracy differences with their standard errors
+(`perfit.metrics`).
 
     python benchmarks/label_baselines.py RUN_DIR DATA_DIR
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 
+from perfit import metrics
 from perfit.baselines.retrieval import most_frequent
 from perfit.rundir import load_run_config
 from perfit.tasks import get_task
+
+METHODS = ("user_majority", "stage1", "perfit")
 
 
 def main():
@@ -31,24 +34,22 @@ def main():
         answered = json.load(f)
     with open(os.path.join(a.data_dir, task.name, "user_top_100_history.json")) as f:
         history = {u["user_id"]: u["profile"][: len(u["profile"]) - cfg.holdout] for u in json.load(f)}
-    rows = []
+    golds: dict[str, str] = {}
+    answers: dict[str, dict[str, str]] = {k: {} for k in METHODS}
     for u in answered:
         majority = most_frequent(task, history[u["user_id"]])  # compare's user_majority (ties: the latest)
         for q in u["query"]:
-            rows.append({k: float(v == q["gold"]) for k, v in
-                         (("user_majority", majority), ("stage1", q.get("stage1")), ("perfit", q.get("perfit")))})
-    n = len(rows)
-    for k in ("user_majority", "stage1", "perfit"):
-        print(f"{k:14s} accuracy {sum(r[k] for r in rows) / n:.3f}")
+            golds[q["id"]] = q["gold"]
+            for k, v in (("user_majority", majority), ("stage1", q.get("stage1")), ("perfit", q.get("perfit"))):
+                answers[k][q["id"]] = v or ""
+    for k in METHODS:
+        print(f"{k:14s} accuracy {metrics.classification_metrics(task, golds, answers[k])['accuracy']:.3f}")
     out = {}
     for x, y in (("perfit", "user_majority"), ("perfit", "stage1"), ("stage1", "user_majority")):
-        d = [r[x] - r[y] for r in rows]
-        m = sum(d) / n
-        se = math.sqrt(sum((v - m) ** 2 for v in d) / (n - 1) / n)
-        out[(x, y)] = (m, se)
-        print(f"{x} - {y}: {m:+.3f} ± {se:.3f} (accuracy, paired, {n} queries)")
-    m, se = out[("perfit", "user_majority")]
-    print(f"perfit_minus_majority={m:.4f} se={se:.4f} n={n}")
+        d = out[(x, y)] = metrics.paired_difference(task, golds, answers[x], answers[y])
+        print(f"{x} - {y}: {d['diff']:+.3f} ± {d['se']:.3f} (accuracy, paired, {d['n']} queries)")
+    d = out[("perfit", "user_majority")]
+    print(f"perfit_minus_majority={d['diff']:.4f} se={d['se']:.4f} n={d['n']}")
 
 
 if __name__ == "__main__":
