@@ -126,6 +126,36 @@ def test_generation_equals_a_manual_prefill_at_every_step(family, tok):
                 torch.testing.assert_close(out.logits[i][t].double(), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("short", [0, 1])
+def test_a_sliding_window_model_generates_through_a_spliced_prefix_within_its_window(tok, monkeypatch, arch, short):
+    """Prompts whose prefix, padding, own tokens and generated tokens fit the window splice the shared instruction
+    (short=0, at the window's very edge); one column more and they run whole (short=1). Each step's logits equal a
+    whole forward of prompt + tokens so far either way."""
+    import perfit.generate as gen
+
+    head = "Which tag fits this movie among the tags? description: "
+    prompts = [tok(head + d)["input_ids"] for d in ("a quiet drama", "space war in the far future", "x")]
+    owners, steps = [0, 1, 0], 4
+    model = tiny_model(arch, vocab=260, dtype=torch.float64,
+                       config={"sliding_window": max(len(p) for p in prompts) + steps - short})
+    spliced = []
+    real = gen.splice_shared_prefix
+    monkeypatch.setattr(gen, "splice_shared_prefix", lambda *a, **k: spliced.append(1) or real(*a, **k))
+    sh = _shifter()
+    with sh.attached(model):
+        out = greedy_generate(model, tok, prompts, owners, sh, first=3, last=2, max_new_tokens=steps, stop_early=False,
+                              with_logits=True, batch_size=8)
+        assert bool(spliced) == (short == 0)
+        for i, (p, o) in enumerate(zip(prompts, owners)):
+            for t in range(steps):
+                ids = torch.tensor([p + out.tokens[i][:t]])
+                idx, valid = position_index([len(p)], [0], 3, 2)
+                with sh.active(ShiftState(idx, valid, torch.tensor([o]), ids.shape[1])):
+                    want = model(input_ids=ids).logits[0, -1]
+                torch.testing.assert_close(out.logits[i][t].double(), want, rtol=1e-6, atol=1e-6, msg=f"{i} {t}")
+
+
 def test_the_training_paths_agree(family, tok):
     """Every cheaper training pass (states below the lowest shifted layer cached, the shared instruction run once per
     user, the frozen prefix of last-positions-only shifts) gives each row the loss of the plain full forward."""

@@ -22,8 +22,8 @@ from conftest import model64
 EXACT = dict(rtol=1e-9, atol=1e-12)  # float64: paths equal in principle
 
 
-def _model64(arch="llama"):
-    return model64(arch)
+def _model64(arch="llama", **kw):
+    return model64(arch, **kw)
 
 
 def test_shift_equals_formula_on_random_tensors():
@@ -174,6 +174,40 @@ def test_every_forward_path_gives_the_same_gradients(tok, arch):
         for n in ref0[2]:
             torch.testing.assert_close(got[2][n], ref0[2][n], **EXACT, msg=f"frozen prefix: {n}")
     assert any(g.abs().max() > 1e-6 for g in ref[2].values())  # the gradients compared are not all zero
+
+
+@pytest.mark.parametrize("short", [0, 1])
+def test_a_sliding_window_model_splices_the_rows_its_window_holds(tok, monkeypatch, short):
+    """Seen: any sliding window (Gemma 3 270M's is 512 columns) made every pass of the model a whole one, though its
+    prompts are a fifth as long. Rows whose spliced pass fits the window (prefix, padding and own tokens) share the
+    instruction and the frozen prefix with the loss and gradients of whole passes, here at the window's very edge
+    (short=0); one column short of it (short=1) they run whole, and still agree."""
+    import perfit.train.forward as fwd
+    from perfit.batching import frozen_prefix_columns
+
+    rows = _instruction_examples(tok)[:2] + _instruction_examples(tok)[5:8] + _instruction_examples(tok)[12:14]
+    wide = max(len(r.ids) for r in rows)
+    assert min(len(r.ids) for r in rows) < wide  # rows of unequal lengths: a padding gap in every shorter row
+    spliced = []
+    real = fwd._forward_shared_prefix
+    monkeypatch.setattr(fwd, "_forward_shared_prefix", lambda *a, **k: spliced.append(1) or real(*a, **k))
+    model = _model64("gemma3", config={"sliding_window": wide - short})
+    ref = _grads(model, _shifter64(3), rows, 2, 2, lower=None, share_prefix=False)
+    got = _grads(model, _shifter64(3), rows, 2, 2, lower=None, share_prefix=True)
+    assert bool(spliced) == (short == 0)
+    torch.testing.assert_close(got[1], ref[1], **EXACT)
+    for n in ref[2]:
+        torch.testing.assert_close(got[2][n], ref[2][n], **EXACT, msg=n)
+    cols = frozen_prefix_columns([(r.prompt_len, len(r.ids) - r.prompt_len) for r in rows], 2)
+    model = _model64("gemma3", config={"sliding_window": cols - short})
+    frozen = compute_frozen_prefix(model, rows, 1, 2, 2, 1 << 30)
+    assert (frozen is None) == bool(short)
+    if frozen is not None:
+        ref0 = _grads(model, _shifter64(3), rows, 0, 2, lower=None, share_prefix=False)
+        got0 = _grads(model, _shifter64(3), rows, 0, 2, lower=None, frozen=frozen)
+        torch.testing.assert_close(got0[1], ref0[1], **EXACT)
+        for n in ref0[2]:
+            torch.testing.assert_close(got0[2][n], ref0[2][n], **EXACT, msg=f"frozen prefix: {n}")
 
 
 def _train(model, tok, ex, users, epochs=2, first=2, collective=False, init="loreft", **kw):

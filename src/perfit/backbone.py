@@ -227,14 +227,16 @@ def text_config(model):
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
-def has_sliding_window(model) -> bool:
-    """Sliding-window attention would need the window re-applied over a spliced KV cache: callers that splice
-    cached prefixes fall back to full passes on such models."""
+def sliding_window(model) -> int | None:
+    """The attention window (in columns) of the model's sliding layers; None when no layer slides, 0 when one does
+    with no size given. Spliced KV caches put padding between a prefix and a row's own tokens, which a window counts."""
     cfg = text_config(model)
     types_ = getattr(cfg, "layer_types", None)
     if types_:  # the per-layer truth where the config has it (Qwen2 keeps a sliding_window it does not use)
-        return any("sliding" in str(t) for t in types_)
-    return getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True) is not False
+        slides = any("sliding" in str(t) for t in types_)
+    else:
+        slides = getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True) is not False
+    return int(getattr(cfg, "sliding_window", None) or 0) if slides else None
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,15 @@ def unshifted_prefix_len(prompt_len: int, last: int) -> int:
     return prompt_len - max(group_sizes(prompt_len, 0, last)[1], 1)
 
 
+def frozen_prefix_columns(lengths: list[tuple[int, int]], last: int) -> int:
+    """The widest pass of a frozen-prefix cache over (prompt, target)-long examples: a training pass spans the longest
+    unshifted prefix (rows are left-padded to it) and the longest rest after it; the pass that makes the cache reads
+    every column of its longest row back, and a sliding layer keeps only the last window − 1 (one column more)."""
+    plen = [unshifted_prefix_len(p, last) for p, _ in lengths]
+    spliced = max(plen, default=0) + max((p + t - P for (p, t), P in zip(lengths, plen)), default=0)
+    return max(spliced, max((p + t + 1 for p, t in lengths), default=0))
+
+
 def shared_prompt_prefix(prompts: list[list[int]], first: int, last: int, min_len: int = 8) -> int:
     """Length of the token prefix shared by all prompts that can run once for them all: it holds the same
     first-group shifted positions in every row and none of the last-group ones (and leaves every row one token of

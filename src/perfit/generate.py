@@ -30,7 +30,7 @@ def _blank_ids(tok) -> frozenset[int]:
 
 
 def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: Shifter | None, use_collective: bool,
-             first: int, last: int, pad_id: int, share_prefix: bool, keep: dict):
+             first: int, last: int, pad_id: int, share_prefix: bool, keep: dict, max_new: int):
     """The prefill pass of one batch. Returns (output, attention mask, position ids of the last column).
 
     With a shared prefix it runs once per distinct user (once in all when no shift touches it), its keys/values
@@ -39,7 +39,7 @@ def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: 
     device = next(model.parameters()).device
     B = len(prompts)
     Lp = shared_prompt_prefix(prompts, first, last) if share_prefix else 0
-    Lp = Lp if Lp and can_splice(model) else 0
+    Lp = Lp if Lp and can_splice(model, max(len(p) for p in prompts) + max_new) else 0  # the widest the batch gets
     if not Lp:
         b = make_batch(prompts, [len(p) for p in prompts], users if users is not None else [0] * B, pad_id, first, last).to(device)
         state = None if shifter is None else ShiftState(b.shift_index, b.shift_valid, b.users if users is not None else None,
@@ -193,7 +193,8 @@ def greedy_generate(model, tok, prompts: list[list[int]], users: list[int] | Non
     for s in progress(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[s: s + batch_size]
         res, mask, pos = _prefill(model, [prompts[i] for i in idx], None if users is None else [users[i] for i in idx], shifter,
-                                  use_collective, max(first, 0), max(last, 0), tok.pad_token_id, share_prefix and bool(keep), keep)
+                                  use_collective, max(first, 0), max(last, 0), tok.pad_token_id, share_prefix and bool(keep), keep,
+                                  max(n_new[i] for i in idx))
         rows = _Rows(idx, n_new, is_task, out.finish, ends)
         steps = _decode(model, res, mask, pos, rows, keep, kw, with_logits)
         for j, i in enumerate(idx):

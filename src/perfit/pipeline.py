@@ -23,7 +23,7 @@ from .data.synthetic import generate
 from .errors import ConfigError, RunStateError
 from .model import VARIANTS, PerFitModel
 from .rundir import CKPT, CKPT_TENSORS, GENERATOR, USERS, artifact_key, load_collective_from, load_run_config, store_path
-from .batching import tokenize_examples
+from .batching import frozen_prefix_columns, tokenize_examples
 from .prefix import can_splice, kv_shape
 from .prompts import Example, PromptBuilder
 from .train.cost import SAMPLE_EXAMPLES
@@ -213,11 +213,13 @@ def _workload(exp: Experiment, pm: PerFitModel) -> tuple[plan.Workload, list[Exa
     keyg = pm.keys()["generator"]
     reusedg = any(artifact_key(os.path.join(d, GENERATOR), "generator_key") == keyg for d in ckpts)
     elem = next(pm.model.parameters()).element_size()
+    s1, s2 = [lengths(v) for v in by_user.values()], [lengths(t) for t in tests]
     prefix_bytes = 0
-    if pm.first == 0 and can_splice(pm.model):  # last positions only: the frozen prefix is cached as keys and values
+    # last positions only: the frozen prefix is cached as keys and values (as training decides it: caches.py)
+    if pm.first == 0 and can_splice(pm.model, frozen_prefix_columns([x for u in s1 + s2 for x in u], pm.last)):
         kvh, hd = kv_shape(pm.model)
         prefix_bytes = (pm.info.num_layers - min(pm.cfg.layers)) * 2 * kvh * hd * elem
-    w = plan.Workload([lengths(v) for v in by_user.values()], [lengths(t) for t in tests],
+    w = plan.Workload(s1, s2,
                       sum(len(u.query) for u in exp.data.test_users), reused1, reusedg, pm.info.hidden_size * elem,
                       prefix_bytes, pm.last)
     return w, [e for v in by_user.values() for e in v]

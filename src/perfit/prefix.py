@@ -16,15 +16,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbone import decoder_layers, has_sliding_window, text_config
+from .backbone import decoder_layers, sliding_window, text_config
 from .method.shifts import Shifter, ShiftState, group_sizes, position_index
 
 
-def can_splice(model) -> bool:
-    """Whether rows can attend to keys/values spliced in front of them. A sliding window counts columns, and the
-    padding between a spliced prefix and a row's own tokens would move prefix tokens out of it: such models
-    (Gemma 3, Mistral) run full passes instead."""
-    return not has_sliding_window(model)
+def can_splice(model, columns: int | None = None) -> bool:
+    """Whether rows can attend to keys/values spliced in front of them, in passes `columns` wide at most (prefix,
+    padding and own tokens, generated ones included; None: not known). A sliding window counts columns, so the
+    padding between a spliced prefix and a row's own tokens could move prefix tokens out of it; within the window
+    (q - k < window for every pair) nothing is cut, spliced or not, and the splice is exact. Wider passes of a
+    sliding-window model (Gemma 2/3, Mistral) run whole instead."""
+    w = sliding_window(model)
+    return w is None or (columns is not None and columns <= w)
 
 
 def cache_kwarg(module) -> str:

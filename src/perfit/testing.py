@@ -37,24 +37,28 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "o
 
 
 def tiny_model(arch: str = "llama", num_layers: int = 4, hidden: int = 64, vocab: int = 256, seed: int = 0,
-               dtype: torch.dtype = torch.float32):
+               dtype: torch.dtype = torch.float32, config: dict | None = None):
     """A tiny randomly initialised decoder of the family `arch` (one of FAMILIES), frozen; float64 computes in float64
-    throughout (backbone.exact_float64)."""
+    throughout (backbone.exact_float64). `config`: settings over the family's tiny config (e.g. its sliding_window)."""
     from transformers import AutoModelForCausalLM
 
     configs = _configs(hidden, num_layers, vocab)
     if arch not in configs:
         raise ConfigError(f"tiny model {arch!r}: choose from {', '.join(configs)}")
+    cfg = configs[arch]()
+    for k, v in (config or {}).items():
+        setattr(cfg, k, v)
     torch.manual_seed(seed)
-    model = freeze(AutoModelForCausalLM.from_config(configs[arch](), dtype=torch.float32))
+    model = freeze(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
     if dtype == torch.float64:
         model = exact_float64(model.double())
     return model
 
 
-def tiny_llama(num_layers: int = 4, hidden: int = 64, vocab: int = 256, seed: int = 0, arch: str = "llama"):
+def tiny_llama(num_layers: int = 4, hidden: int = 64, vocab: int = 256, seed: int = 0, arch: str = "llama",
+               config: dict | None = None):
     """The tiny model most tests use (a Llama unless `arch` says otherwise)."""
-    return tiny_model(arch, num_layers, hidden, vocab, seed)
+    return tiny_model(arch, num_layers, hidden, vocab, seed, config=config)
 
 
 def tiny_tokenizer():

@@ -153,7 +153,7 @@ def item_features(model, examples: list[TokenizedExample], layers: list[int], pa
     for s in range(0, len(order), chunk):
         idx = order[s: s + chunk]
         exs = [examples[i] for i in idx]
-        Lp = 0 if lower is not None or not can_splice(model) else \
+        Lp = 0 if lower is not None or not can_splice(model, max(len(e.ids) for e in exs)) else \
             shared_prompt_prefix([e.ids[: e.prompt_len] for e in exs], 0, 0)
         if Lp:  # the shared prefix once, then each row's own tokens after it
             sp = splice_shared_prefix(model, exs[0].ids[:Lp], [e.prompt_len for e in exs],

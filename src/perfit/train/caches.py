@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backbone import decoder_layers, text_config
-from ..batching import TokenizedExample, make_batch, unshifted_prefix_len
+from ..batching import TokenizedExample, frozen_prefix_columns, make_batch, unshifted_prefix_len
 from ..prefix import cache_kwarg, can_splice, capture_layer_input, kv_shape, lower_states, new_cache
 from ..progress import progress
 
@@ -83,7 +83,8 @@ def compute_frozen_prefix(model, examples: list[TokenizedExample], low: int, las
                           chunk: int = 16, desc: str = "caching frozen prefixes") -> list[FrozenPrefix] | None:
     """One no-grad pass over every example; None when the cache would exceed `max_bytes` (or the model's sliding
     window would need re-applying over spliced keys/values)."""
-    if not examples or not can_splice(model):
+    if not examples or not can_splice(model, frozen_prefix_columns([(e.prompt_len, len(e.ids) - e.prompt_len)
+                                                                     for e in examples], last)):
         return None
     p = next(model.parameters())
     n_layers = len(decoder_layers(model))

@@ -99,7 +99,9 @@ def forward_loss(model, shifter: Shifter, rows: list[TokenizedExample], weights:
     if frozen is not None:
         hidden, starts = _forward_frozen_prefix(model, shifter, rows, frozen, low_layer, last)
     else:
-        Lp = shared_prompt_prefix([r.ids[: r.prompt_len] for r in rows], first, last) if share_prefix and can_splice(model) else 0
+        # spliced, the pass spans the longest row's columns
+        wide = max(len(r.ids) for r in rows)
+        Lp = shared_prompt_prefix([r.ids[: r.prompt_len] for r in rows], first, last) if share_prefix and can_splice(model, wide) else 0
         if Lp:
             hidden, starts = _forward_shared_prefix(model, shifter, rows, Lp, pad_id, first, last, lower, low_layer)
         else:
