@@ -143,6 +143,8 @@ def _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_n
     t_start = time.perf_counter()
     device = next(model.parameters()).device
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    sh = Shifter(hidden_size, cfg.layers, cfg.low_rank_dimension, cfg.user_low_rank_dimension, 1, cfg.seed,
+                 cfg.shift_init).to(device, dtype)
     ex = tokenize_examples(tok, examples, cfg.max_length)
     full, m = ex, len(ex)
     while m > 4 and sum(len(e.ids) for e in ex) > SAMPLE_TOKENS:
@@ -152,15 +154,6 @@ def _measure(model, tok, cfg, hidden_size, first, last, examples, queries, max_n
         queries = [queries[(2 * k + 1) * len(queries) // (2 * (len(queries) // 2))] for k in range(len(queries) // 2)]
     tokens = sum(len(e.ids) for e in ex)
     kw = dict(train_kw, disk_cache_dir="")  # the sample's states always fit in memory
-    # a personal module per --batch_size rows, as the run has them: a shared prompt prefix that a shift acts inside runs
-    # once per module in a pass, and a run's passes share it among a step's rows (stage 1) or a user's (stage 2). With one
-    # module for the whole sample the prefix ran once for twice as many rows: Gemma's stage 2 on real news took 11 % more
-    # than planned and its command 21 min 38 s of a 20-minute budget
-    per = max(cfg.batch_size, 1)
-    for i, e in enumerate(ex):
-        e.module = i // per
-    sh = Shifter(hidden_size, cfg.layers, cfg.low_rank_dimension, cfg.user_low_rank_dimension, math.ceil(len(ex) / per),
-                 cfg.seed, cfg.shift_init).to(device, dtype)
 
     def epochs_at(batch: int, mem: PeakMemory | None = None) -> tuple[float, float]:
         """(first epoch's extra seconds: the caches, fastest plain epoch) training the sample `batch` rows a step."""
