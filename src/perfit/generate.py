@@ -30,12 +30,13 @@ def _blank_ids(tok) -> frozenset[int]:
 
 
 def _prefill(model, prompts: list[list[int]], users: list[int] | None, shifter: Shifter | None, use_collective: bool,
-             first: int, last: int, pad_id: int, share_prefix: bool, keep: dict, max_new: int):
+             first: int, last: int, pad_id: int, share_prefix: bool, keep: dict, max_new: int = 0):
     """The prefill pass of one batch. Returns (output, attention mask, position ids of the last column).
 
     With a shared prefix it runs once per distinct user (once in all when no shift touches it), its keys/values
     are copied to every row, and the rows' own suffixes follow, left-padded after the prefix: the mask hides
-    the gap and positions continue from the prefix, so each row sees exactly its own prompt."""
+    the gap and positions continue from the prefix, so each row sees exactly its own prompt. `max_new`: the tokens
+    decoding will add (a sliding window must hold them too for the prefix to be spliced)."""
     device = next(model.parameters()).device
     B = len(prompts)
     Lp = shared_prompt_prefix(prompts, first, last) if share_prefix else 0
