@@ -147,6 +147,14 @@ def _grads(model, sh, rows, first, last, **kw):
     return loss.detach(), row_sums, {n: p.grad.clone() for n, p in sh.named_parameters()}
 
 
+def _assert_same_grads(got, ref, what: str) -> None:
+    """The same loss, per-row loss sums and gradient of every shift parameter (`_grads` results)."""
+    torch.testing.assert_close(got[0], ref[0], **EXACT, msg=what)
+    torch.testing.assert_close(got[1], ref[1], **EXACT, msg=what)
+    for n in ref[2]:
+        torch.testing.assert_close(got[2][n], ref[2][n], **EXACT, msg=f"{what}: {n}")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_every_forward_path_gives_the_same_gradients(tok, arch):
     """Lower-layer cache, shared-prefix passes (once per user) and the frozen-prefix cache against the plain full
@@ -159,20 +167,14 @@ def test_every_forward_path_gives_the_same_gradients(tok, arch):
     for name, kw in {"lower cache": dict(lower=lower, share_prefix=False),
                      "shared prefix": dict(lower=None, share_prefix=True),
                      "shared prefix + lower cache": dict(lower=lower, share_prefix=True)}.items():
-        got = _grads(model, _shifter64(3), rows, 2, 2, **kw)
-        torch.testing.assert_close(got[0], ref[0], **EXACT, msg=name)
-        torch.testing.assert_close(got[1], ref[1], **EXACT, msg=name)
-        for n in ref[2]:
-            torch.testing.assert_close(got[2][n], ref[2][n], **EXACT, msg=f"{name}: {n}")
-    # last positions only: the frozen-prefix cache (not for sliding-window models, which fall back to full passes)
+        _assert_same_grads(_grads(model, _shifter64(3), rows, 2, 2, **kw), ref, name)
+    # last positions only: the frozen-prefix cache (the tiny Gemma 3's window, 8 columns, holds none of these rows:
+    # it runs whole passes)
     frozen = compute_frozen_prefix(model, rows, 1, 2, 2, 1 << 30)
     assert (frozen is None) == (arch == "gemma3")
     if frozen is not None:
         ref0 = _grads(model, _shifter64(3), rows, 0, 2, lower=None, share_prefix=False)
-        got = _grads(model, _shifter64(3), rows, 0, 2, lower=None, frozen=frozen)
-        torch.testing.assert_close(got[0], ref0[0], **EXACT)
-        for n in ref0[2]:
-            torch.testing.assert_close(got[2][n], ref0[2][n], **EXACT, msg=f"frozen prefix: {n}")
+        _assert_same_grads(_grads(model, _shifter64(3), rows, 0, 2, lower=None, frozen=frozen), ref0, "frozen prefix")
     assert any(g.abs().max() > 1e-6 for g in ref[2].values())  # the gradients compared are not all zero
 
 
@@ -195,19 +197,14 @@ def test_a_sliding_window_model_splices_the_rows_its_window_holds(tok, monkeypat
     ref = _grads(model, _shifter64(3), rows, 2, 2, lower=None, share_prefix=False)
     got = _grads(model, _shifter64(3), rows, 2, 2, lower=None, share_prefix=True)
     assert bool(spliced) == (short == 0)
-    torch.testing.assert_close(got[1], ref[1], **EXACT)
-    for n in ref[2]:
-        torch.testing.assert_close(got[2][n], ref[2][n], **EXACT, msg=n)
+    _assert_same_grads(got, ref, "shared prefix")
     cols = frozen_prefix_columns([(r.prompt_len, len(r.ids) - r.prompt_len) for r in rows], 2)
     model = _model64("gemma3", config={"sliding_window": cols - short})
     frozen = compute_frozen_prefix(model, rows, 1, 2, 2, 1 << 30)
     assert (frozen is None) == bool(short)
     if frozen is not None:
         ref0 = _grads(model, _shifter64(3), rows, 0, 2, lower=None, share_prefix=False)
-        got0 = _grads(model, _shifter64(3), rows, 0, 2, lower=None, frozen=frozen)
-        torch.testing.assert_close(got0[1], ref0[1], **EXACT)
-        for n in ref0[2]:
-            torch.testing.assert_close(got0[2][n], ref0[2][n], **EXACT, msg=f"frozen prefix: {n}")
+        _assert_same_grads(_grads(model, _shifter64(3), rows, 0, 2, lower=None, frozen=frozen), ref0, "frozen prefix")
 
 
 def _train(model, tok, ex, users, epochs=2, first=2, collective=False, init="loreft", **kw):
