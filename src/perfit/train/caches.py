@@ -81,8 +81,8 @@ class FrozenPrefix:
 @torch.no_grad()
 def compute_frozen_prefix(model, examples: list[TokenizedExample], low: int, last: int, pad_id: int, max_bytes: int,
                           chunk: int = 16, desc: str = "caching frozen prefixes") -> list[FrozenPrefix] | None:
-    """One no-grad pass over every example; None when the cache would exceed `max_bytes` (or the model's sliding
-    window would need re-applying over spliced keys/values)."""
+    """One no-grad pass over every example; None when the cache would exceed `max_bytes` (or its passes would not fit
+    the model's sliding window: `frozen_prefix_columns`)."""
     if not examples or not can_splice(model, frozen_prefix_columns([(e.prompt_len, len(e.ids) - e.prompt_len)
                                                                      for e in examples], last)):
         return None

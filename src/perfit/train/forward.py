@@ -99,9 +99,8 @@ def forward_loss(model, shifter: Shifter, rows: list[TokenizedExample], weights:
     if frozen is not None:
         hidden, starts = _forward_frozen_prefix(model, shifter, rows, frozen, low_layer, last)
     else:
-        # spliced, the pass spans the longest row's columns
-        wide = max(len(r.ids) for r in rows)
-        Lp = shared_prompt_prefix([r.ids[: r.prompt_len] for r in rows], first, last) if share_prefix and can_splice(model, wide) else 0
+        spliceable = share_prefix and can_splice(model, max(len(r.ids) for r in rows))  # spliced: the longest row's columns
+        Lp = shared_prompt_prefix([r.ids[: r.prompt_len] for r in rows], first, last) if spliceable else 0
         if Lp:
             hidden, starts = _forward_shared_prefix(model, shifter, rows, Lp, pad_id, first, last, lower, low_layer)
         else:
